@@ -1,0 +1,13 @@
+"""AutoEP: automatic expert parallelism for Hugging Face Mixture-of-Experts models."""
+
+from autoep.api import apply, inspect, replaced_layers
+from autoep.config import AutoEPConfig, AutoEPConfigError
+from autoep.detect import DetectionError, MoELayerSpec
+from autoep.layer import AutoEPMoELayer
+from autoep.routing import RoutingSpec
+from autoep.versions import UnsupportedTransformersError
+
+__all__ = [
+    "apply", "inspect", "replaced_layers", "AutoEPConfig", "AutoEPConfigError", "DetectionError",
+    "MoELayerSpec", "AutoEPMoELayer", "RoutingSpec", "UnsupportedTransformersError",
+]

@@ -1,0 +1,191 @@
+"""The ``"expert_parallel"`` block of a DeepSpeed config: parsing, defaults, validation.
+
+Every key is read explicitly. An unknown key, a value of the wrong type or an
+unsupported value raises :class:`AutoEPConfigError` (a ``ValueError``) that names the
+key, the value and what is allowed, so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+AUTO = "auto"
+
+
+class AutoEPConfigError(ValueError):
+    """A bad value in the ``expert_parallel`` block (or a config it conflicts with)."""
+
+
+# Keys that DeepSpeed's own AutoEP understands but that select DeepSpeed-internal
+# kernels or communication backends; we do not implement them and say so.
+_DEEPSPEED_ONLY_KEYS = {
+    "validate_folding_routing", "async_split_plan", "disable_triton_grouped_mm", "score_apply",
+    "combine_impl", "row_weighting_impl", "gate_up_impl", "comm_backend", "comm_num_sm",
+    "comm_qp_margin", "comm_max_tokens_per_rank", "expert_activation",
+}
+
+
+@dataclass(frozen=True)
+class AutoEPConfig:
+    """Parsed ``expert_parallel`` block. ``None`` / ``"auto"`` mean: from the preset and
+    the model's config."""
+
+    enabled: bool = False
+    autoep_size: int = 1
+    preset_model: str | None = None
+    # Detection overrides (names of modules / attributes, regex for block paths).
+    moe_layer_pattern: str | None = None
+    router_pattern: str | None = None
+    expert_pattern: str | None = None
+    expert_w1: str | None = None
+    expert_w2: str | None = None
+    expert_w3: str | None = None
+    num_experts_attr: str | None = None
+    top_k_attr: str | None = None
+    has_shared_experts: bool | None = None
+    shared_experts_pattern: str | None = None
+    shared_experts_gate_pattern: str | None = None
+    # Kernels.
+    use_grouped_mm: bool = True
+    # Routing overrides.
+    route_norm: bool | None = None
+    route_scale: float = 1.0
+    score_func: str = AUTO
+    top_k: int | str = AUTO
+    num_expert_groups: int | None = None
+    num_limited_groups: int | None = None
+    routed_scaling_factor: float | str = AUTO
+    load_balance_coeff: float | None = None
+    expert_tensor_parallel_size: int = 1
+
+    @classmethod
+    def from_dict(cls, block: Mapping[str, Any] | None) -> "AutoEPConfig":
+        if block is None:
+            return cls()
+        if not isinstance(block, Mapping):
+            raise AutoEPConfigError(
+                f"expert_parallel must be a JSON object (dict), got {type(block).__name__}: {block!r}")
+        known = [f.name for f in fields(cls)]
+        for key in block:
+            if key in known:
+                continue
+            if key in _DEEPSPEED_ONLY_KEYS:
+                raise AutoEPConfigError(
+                    f"expert_parallel.{key}={block[key]!r} is a tuning key of DeepSpeed's built-in AutoEP "
+                    f"that autoep does not implement; remove it from the config.")
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise AutoEPConfigError(
+                f"expert_parallel has unknown key {key!r} (value {block[key]!r}).{hint} "
+                f"Known keys: {', '.join(known)}.")
+        values = {key: _check(key, block[key]) for key in block}
+        config = cls(**values)
+        config._validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def _validate(self) -> None:
+        if self.autoep_size < 1:
+            raise AutoEPConfigError(
+                f"expert_parallel.autoep_size must be an integer >= 1, got {self.autoep_size!r}.")
+        if self.load_balance_coeff is not None:
+            raise AutoEPConfigError(
+                f"expert_parallel.load_balance_coeff={self.load_balance_coeff!r} is not supported: "
+                "auxiliary-loss-free load balancing (expert-bias updates) is not implemented. "
+                "Set it to null or remove the key.")
+        if self.expert_tensor_parallel_size != 1:
+            raise AutoEPConfigError(
+                f"expert_parallel.expert_tensor_parallel_size={self.expert_tensor_parallel_size!r} is not "
+                "supported; only 1 (experts are not tensor-parallel) is. Set it to 1 or remove the key.")
+        if self.expert_w3 is not None:
+            raise AutoEPConfigError(
+                f"expert_parallel.expert_w3={self.expert_w3!r}: a separate up-projection is not supported; "
+                "Transformers 5.x stores experts fused as gate_up_proj [E, 2I, H]. Remove the key (or set null).")
+        if self.preset_model is not None:
+            from autoep.presets import PRESETS
+
+            if self.preset_model not in PRESETS:
+                raise AutoEPConfigError(
+                    f"expert_parallel.preset_model={self.preset_model!r} is not a known preset. "
+                    f"Available presets: {', '.join(sorted(PRESETS))}.")
+        if self.route_scale != 1.0 and self.routed_scaling_factor != AUTO:
+            raise AutoEPConfigError(
+                f"expert_parallel.route_scale={self.route_scale!r} and "
+                f"expert_parallel.routed_scaling_factor={self.routed_scaling_factor!r} both set the routing "
+                "scale; set only routed_scaling_factor.")
+        if (self.num_expert_groups is None) != (self.num_limited_groups is None):
+            raise AutoEPConfigError(
+                "expert_parallel.num_expert_groups and expert_parallel.num_limited_groups must be set together "
+                f"(got num_expert_groups={self.num_expert_groups!r}, num_limited_groups={self.num_limited_groups!r}).")
+        if self.moe_layer_pattern is not None:
+            import re
+
+            try:
+                re.compile(self.moe_layer_pattern)
+            except re.error as error:
+                raise AutoEPConfigError(
+                    f"expert_parallel.moe_layer_pattern={self.moe_layer_pattern!r} is not a valid regular "
+                    f"expression: {error}.") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _expect(key: str, value: Any, ok: bool, allowed: str) -> Any:
+    if not ok:
+        raise AutoEPConfigError(f"expert_parallel.{key} must be {allowed}, got {value!r} ({type(value).__name__}).")
+    return value
+
+
+_STRING_OR_NULL = {
+    "preset_model", "moe_layer_pattern", "router_pattern", "expert_pattern", "expert_w1", "expert_w2",
+    "expert_w3", "num_experts_attr", "top_k_attr", "shared_experts_pattern", "shared_experts_gate_pattern",
+}
+_POSITIVE_INT_OR_NULL = {"num_expert_groups", "num_limited_groups"}
+
+
+def _check(key: str, value: Any) -> Any:
+    """Type-check one key of the block; returns the (normalised) value."""
+    if key == "enabled" or key == "use_grouped_mm":
+        return _expect(key, value, isinstance(value, bool), "true or false")
+    if key in ("has_shared_experts", "route_norm"):
+        return _expect(key, value, value is None or isinstance(value, bool), "true, false or null")
+    if key in ("autoep_size", "expert_tensor_parallel_size"):
+        return _expect(key, value, _is_int(value), "an integer")
+    if key in _STRING_OR_NULL:
+        return _expect(key, value, value is None or (isinstance(value, str) and value != ""),
+                       "a non-empty string or null")
+    if key in _POSITIVE_INT_OR_NULL:
+        return _expect(key, value, value is None or (_is_int(value) and value >= 1), "a positive integer or null")
+    if key == "score_func":
+        return _expect(key, value, value in (AUTO, "softmax", "sigmoid"), '"auto", "softmax" or "sigmoid"')
+    if key == "top_k":
+        return _expect(key, value, value == AUTO or (_is_int(value) and value >= 1), '"auto" or an integer >= 1')
+    if key == "route_scale":
+        return float(_expect(key, value, _is_number(value) and value > 0, "a finite number > 0"))
+    if key == "routed_scaling_factor":
+        ok = value == AUTO or (_is_number(value) and value > 0)
+        value = _expect(key, value, ok, '"auto" or a finite number > 0')
+        return value if value == AUTO else float(value)
+    if key == "load_balance_coeff":
+        return value  # any non-null value is rejected with its own message in _validate
+    raise AssertionError(f"unhandled key {key}")  # every dataclass field is handled above
+
+
+def as_config(config: "AutoEPConfig | Mapping[str, Any] | None") -> AutoEPConfig:
+    """Accept an ``AutoEPConfig``, the block as a dict, or None (all defaults, enabled)."""
+    if isinstance(config, AutoEPConfig):
+        return config
+    if config is None:
+        return AutoEPConfig(enabled=True)
+    return AutoEPConfig.from_dict(config)

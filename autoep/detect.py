@@ -1,0 +1,294 @@
+"""Walk a model, match a preset, and describe every MoE block it will replace.
+
+Detection checks what it finds (expert count against the router's rows, hidden size,
+fused shapes, the block's children) and raises :class:`DetectionError` on anything it
+does not fully understand; it never returns a block it would replace incorrectly.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from autoep.config import AUTO, AutoEPConfig
+from autoep.presets import MODEL_TYPE_TO_PRESET, PRESETS, Preset
+from autoep.routing import RoutingSpec
+from autoep.versions import UnsupportedTransformersError, at_least, transformers_version
+
+logger = logging.getLogger("autoep")
+
+SUPPORTED_ACTIVATIONS = ("silu",)
+
+
+class DetectionError(ValueError):
+    """The model's MoE blocks do not match what the preset (and config) describe."""
+
+
+@dataclass
+class MoELayerSpec:
+    name: str
+    block_class: str
+    preset: str
+    model_type: str
+    routing: RoutingSpec
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    intermediate_size: int
+    activation: str
+    router_attr: str
+    experts_attr: str
+    gate_up_name: str
+    down_name: str
+    shared_kind: str = "none"
+    shared_attr: str | None = None
+    shared_gate_attr: str | None = None
+    block: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    def row(self) -> dict[str, object]:
+        """One table row for `autoep inspect`."""
+        return {
+            "layer": self.name,
+            "block": self.block_class,
+            "preset": self.preset,
+            "experts": self.num_experts,
+            "top_k": self.top_k,
+            "hidden": self.hidden_size,
+            "expert_width": self.intermediate_size,
+            "routing": self.routing.describe(),
+            "shared": self.shared_kind if self.shared_attr is None else f"{self.shared_kind} ({self.shared_attr})",
+        }
+
+
+def text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def resolve_preset(model: nn.Module, config: AutoEPConfig) -> tuple[Preset, str]:
+    """Pick the preset (from the config, else from the model type) and gate it on the
+    installed Transformers. Returns (preset, model_type of the text backbone)."""
+    model_type = getattr(text_config(model), "model_type", None)
+    outer_type = getattr(model.config, "model_type", None)
+    if config.preset_model is not None:
+        preset = PRESETS[config.preset_model]
+    else:
+        name = MODEL_TYPE_TO_PRESET.get(model_type) or MODEL_TYPE_TO_PRESET.get(outer_type)
+        if name is None:
+            raise DetectionError(
+                f"model.config.model_type={outer_type!r} has no built-in AutoEP preset; set "
+                f"expert_parallel.preset_model to one of {', '.join(sorted(PRESETS))} "
+                f"(supported model types: {', '.join(sorted(MODEL_TYPE_TO_PRESET))}).")
+        preset = PRESETS[name]
+        logger.info("autoep: preset %r chosen from model.config.model_type=%r", name, model_type)
+    check_transformers_for(preset)
+    return preset, model_type
+
+
+def check_transformers_for(preset: Preset) -> None:
+    installed = transformers_version()
+    if not at_least(preset.min_transformers):
+        detail = (" Transformers 4.x stores experts as a ModuleList of per-expert layers, a layout AutoEP does "
+                  "not support." if installed.major < 5 else "")
+        raise UnsupportedTransformersError(
+            f"preset {preset.name!r} needs transformers>={preset.min_transformers}, but transformers "
+            f"{installed} is installed.{detail} Install transformers>={preset.min_transformers},<6.")
+
+
+def _config_int(cfg, fields: tuple[str, ...], what: str) -> int:
+    for name in fields:
+        value = getattr(cfg, name, None)
+        if value is not None:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise DetectionError(f"model.config.{name}={value!r} ({what}) is not an integer")
+            return value
+    raise DetectionError(f"model config has no {what}: none of {', '.join(fields)} is set")
+
+
+def _routing_for(preset: Preset, cfg, num_experts: int, top_k: int, config: AutoEPConfig) -> RoutingSpec:
+    spec = preset.routing(cfg, num_experts, top_k)
+    changes: dict[str, object] = {}
+    if config.score_func != AUTO:
+        changes["score_func"] = config.score_func
+    if config.route_norm is not None:
+        changes["renormalize"] = config.route_norm
+    if config.routed_scaling_factor != AUTO:
+        changes["scale"] = float(config.routed_scaling_factor)
+    elif config.route_scale != 1.0:
+        if spec.scale != 1.0:
+            raise DetectionError(
+                f"expert_parallel.route_scale={config.route_scale} conflicts with the model's "
+                f"routed_scaling_factor={spec.scale}; set expert_parallel.routed_scaling_factor to override it.")
+        changes["scale"] = config.route_scale
+    if config.num_expert_groups is not None:
+        changes.update(num_groups=config.num_expert_groups, topk_groups=config.num_limited_groups,
+                       group_score=spec.group_score or ("top2_sum" if spec.score_func == "sigmoid" else "max"))
+    if not changes:
+        return spec
+    try:
+        return spec.with_overrides(**changes)
+    except ValueError as error:
+        raise DetectionError(f"expert_parallel routing overrides {changes} are invalid: {error}") from None
+
+
+def _shape(tensor) -> tuple[int, ...]:
+    return tuple(tensor.shape)
+
+
+def detect(model: nn.Module, config: AutoEPConfig) -> list[MoELayerSpec]:
+    """Return one spec per MoE block of ``model`` (in module order)."""
+    preset, model_type = resolve_preset(model, config)
+    cfg = text_config(model)
+    block_class = preset.block_classes.get(model_type) or preset.block_classes.get(
+        getattr(model.config, "model_type", None))
+    pattern = re.compile(config.moe_layer_pattern) if config.moe_layer_pattern else None
+    if block_class is None and pattern is None:
+        raise DetectionError(
+            f"preset {preset.name!r} does not cover model type {model_type!r} (it covers "
+            f"{', '.join(preset.block_classes)}); set expert_parallel.moe_layer_pattern to name the blocks.")
+
+    num_experts_fields = (config.num_experts_attr,) if config.num_experts_attr else preset.num_experts_fields
+    top_k_field = config.top_k_attr or preset.top_k_field
+    num_experts = _config_int(cfg, num_experts_fields, "expert count")
+    if config.top_k != AUTO:
+        top_k = int(config.top_k)
+    else:
+        top_k = _config_int(cfg, (top_k_field,), "experts per token (top-k)")
+    intermediate = _config_int(cfg, (preset.intermediate_field,), "expert width")
+    hidden = _config_int(cfg, ("hidden_size",), "hidden size")
+    activation = getattr(cfg, "hidden_act", None)
+    if activation not in SUPPORTED_ACTIVATIONS:
+        raise DetectionError(
+            f"model.config.hidden_act={activation!r} is not supported by the AutoEP experts; "
+            f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}.")
+    jitter = getattr(cfg, "router_jitter_noise", 0.0) or 0.0
+    if jitter > 0:
+        raise DetectionError(
+            f"model.config.router_jitter_noise={jitter} > 0: training-time router jitter is not reproduced by "
+            "AutoEP; set model.config.router_jitter_noise = 0.0 before applying AutoEP.")
+    try:
+        routing = _routing_for(preset, cfg, num_experts, top_k, config)
+    except ValueError as error:
+        if isinstance(error, DetectionError):
+            raise
+        raise DetectionError(f"preset {preset.name!r}: {error}") from None
+
+    router_attr = config.router_pattern or preset.router_attr
+    experts_attr = config.expert_pattern or preset.experts_attr
+    gate_up_name = config.expert_w1 or preset.gate_up_name
+    down_name = config.expert_w2 or preset.down_name
+    shared_kind, shared_attr, shared_gate_attr = preset.shared_for(model_type)
+    if config.shared_experts_pattern is not None:
+        shared_attr = config.shared_experts_pattern
+    if config.shared_experts_gate_pattern is not None:
+        shared_gate_attr = config.shared_experts_gate_pattern
+    if config.has_shared_experts is False:
+        shared_kind, shared_attr, shared_gate_attr = "none", None, None
+    elif config.has_shared_experts and shared_attr is None:
+        raise DetectionError(
+            "expert_parallel.has_shared_experts=true but no shared expert module is named: set "
+            "expert_parallel.shared_experts_pattern.")
+    if shared_attr is not None and shared_kind == "none":
+        shared_kind = "sigmoid_gated" if shared_gate_attr else "ungated"
+    if shared_attr is not None and shared_gate_attr is not None:
+        shared_kind = "sigmoid_gated"
+
+    specs: list[MoELayerSpec] = []
+    for name, module in model.named_modules():
+        if pattern is not None:
+            if not pattern.fullmatch(name):
+                continue
+        elif type(module).__name__ != block_class:
+            continue
+        specs.append(_check_block(
+            name, module, preset, model_type, routing, num_experts, top_k, hidden, intermediate, activation,
+            router_attr, experts_attr, gate_up_name, down_name, shared_kind, shared_attr, shared_gate_attr,
+            explicit_has_shared=config.has_shared_experts))
+    if not specs:
+        where = f"matching moe_layer_pattern {config.moe_layer_pattern!r}" if pattern else f"of class {block_class}"
+        raise DetectionError(f"no MoE block {where} found in {type(model).__name__} (preset {preset.name!r}).")
+    return specs
+
+
+def _check_block(name, block, preset, model_type, routing, num_experts, top_k, hidden, intermediate, activation,
+                 router_attr, experts_attr, gate_up_name, down_name, shared_kind, shared_attr, shared_gate_attr,
+                 explicit_has_shared) -> MoELayerSpec:
+    where = f"MoE block {name!r} ({type(block).__name__})"
+    router = getattr(block, router_attr, None)
+    experts = getattr(block, experts_attr, None)
+    if router is None or experts is None:
+        raise DetectionError(f"{where} has no router {router_attr!r} or experts {experts_attr!r} submodule.")
+    if isinstance(experts, nn.ModuleList):
+        raise UnsupportedTransformersError(
+            f"{where}: experts are a ModuleList of per-expert layers (the Transformers 4.x layout, installed "
+            f"transformers {transformers_version()}); AutoEP needs the fused 5.x layout (transformers>=5.0).")
+    weight = getattr(router, "weight", None)
+    if not isinstance(weight, torch.Tensor) or _shape(weight) != (num_experts, hidden):
+        raise DetectionError(
+            f"{where}: router weight {router_attr}.weight has shape "
+            f"{None if weight is None else _shape(weight)}, expected [num_experts={num_experts}, hidden={hidden}].")
+    if getattr(router, "bias", None) is not None:
+        raise DetectionError(f"{where}: router {router_attr} has a bias; the preset's routing has none.")
+    gate_up = getattr(experts, gate_up_name, None)
+    down = getattr(experts, down_name, None)
+    if not isinstance(gate_up, nn.Parameter) or not isinstance(down, nn.Parameter):
+        raise DetectionError(
+            f"{where}: experts {experts_attr!r} lack fused parameters {gate_up_name!r} / {down_name!r}.")
+    if _shape(gate_up) != (num_experts, 2 * intermediate, hidden):
+        raise DetectionError(
+            f"{where}: {experts_attr}.{gate_up_name} has shape {_shape(gate_up)}, expected "
+            f"[E={num_experts}, 2I={2 * intermediate}, H={hidden}].")
+    if _shape(down) != (num_experts, hidden, intermediate):
+        raise DetectionError(
+            f"{where}: {experts_attr}.{down_name} has shape {_shape(down)}, expected "
+            f"[E={num_experts}, H={hidden}, I={intermediate}].")
+    for bias_name in (f"{gate_up_name}_bias", f"{down_name}_bias"):
+        if getattr(experts, bias_name, None) is not None:
+            raise DetectionError(f"{where}: experts carry {bias_name}; biased experts are not supported.")
+    extra_params = {n for n, _ in experts.named_parameters(recurse=True)} - {gate_up_name, down_name}
+    if extra_params:
+        raise DetectionError(f"{where}: experts hold unexpected parameters {sorted(extra_params)}.")
+    if routing.use_correction_bias and not isinstance(getattr(router, "e_score_correction_bias", None), torch.Tensor):
+        raise DetectionError(f"{where}: routing uses e_score_correction_bias but {router_attr} has none.")
+
+    present_shared = shared_attr is not None and getattr(block, shared_attr, None) is not None
+    if shared_attr is not None and not present_shared:
+        if explicit_has_shared or shared_kind != "none":
+            raise DetectionError(f"{where}: shared expert {shared_attr!r} not found.")
+    if shared_gate_attr is not None and getattr(block, shared_gate_attr, None) is None:
+        raise DetectionError(f"{where}: shared expert gate {shared_gate_attr!r} not found.")
+    understood = {router_attr, experts_attr} | ({shared_attr} if present_shared else set())
+    if shared_gate_attr is not None:
+        understood.add(shared_gate_attr)
+    unknown = [child for child, _ in block.named_children() if child not in understood]
+    if unknown:
+        raise DetectionError(
+            f"{where} has submodules {unknown} that the preset does not describe (known: {sorted(understood)}); "
+            "refusing to replace a block it does not fully understand. If they are shared experts, set "
+            "expert_parallel.shared_experts_pattern / shared_experts_gate_pattern.")
+    if present_shared:
+        _check_shared_mlp(where, getattr(block, shared_attr), hidden)
+        if shared_gate_attr is not None:
+            gate = getattr(block, shared_gate_attr)
+            if _shape(gate.weight) != (1, hidden) or getattr(gate, "bias", None) is not None:
+                raise DetectionError(f"{where}: shared expert gate must be Linear(H={hidden}, 1) without bias.")
+    return MoELayerSpec(
+        name=name, block_class=type(block).__name__, preset=preset.name, model_type=model_type, routing=routing,
+        num_experts=num_experts, top_k=top_k, hidden_size=hidden, intermediate_size=intermediate,
+        activation=activation, router_attr=router_attr, experts_attr=experts_attr, gate_up_name=gate_up_name,
+        down_name=down_name, shared_kind=shared_kind if present_shared else "none",
+        shared_attr=shared_attr if present_shared else None,
+        shared_gate_attr=shared_gate_attr if present_shared else None, block=block)
+
+
+def _check_shared_mlp(where: str, mlp: nn.Module, hidden: int) -> None:
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        layer = getattr(mlp, proj, None)
+        if layer is None or getattr(layer, "bias", None) is not None:
+            raise DetectionError(f"{where}: shared expert must be a SwiGLU MLP with bias-free {proj}.")
+    if mlp.gate_proj.weight.shape[1] != hidden or mlp.down_proj.weight.shape[0] != hidden:
+        raise DetectionError(f"{where}: shared expert width does not match hidden size {hidden}.")

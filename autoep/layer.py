@@ -1,0 +1,128 @@
+"""AutoEPMoELayer: router -> sort by expert -> grouped experts -> unsort -> weighted combine
+(+ shared experts). See DESIGN section 2.
+
+The original router instance is kept (its parameters, buffers and any hooks) and its
+class is swapped for a subclass whose forward implements the preset's RoutingSpec. It
+stays an instance of the original router class, so Transformers' output recorders
+(``output_router_logits=True``, the aux loss) keep seeing it on every 5.x version.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autoep.detect import MoELayerSpec
+from autoep.dispatch import sort_by_expert, unsort
+from autoep.experts import GroupedExperts
+from autoep.routing import RoutingSpec, route
+
+
+class AutoEPRouterMixin:
+    """Placed before the original router class in the MRO; replaces only ``forward``."""
+
+    autoep_routing: RoutingSpec
+
+    def forward(self, hidden_states: torch.Tensor):
+        hidden_TH = hidden_states.reshape(-1, self.weight.shape[1])
+        spec = self.autoep_routing
+        bias = self.e_score_correction_bias if spec.use_correction_bias else None
+        return route(spec, hidden_TH, self.weight, bias)
+
+
+_ROUTER_CLASSES: dict[type, type] = {}
+
+
+def routing_router_class(original: type) -> type:
+    if issubclass(original, AutoEPRouterMixin):
+        return original
+    if original not in _ROUTER_CLASSES:
+        _ROUTER_CLASSES[original] = type(f"AutoEP{original.__name__}", (AutoEPRouterMixin, original),
+                                         {"__module__": __name__})
+    return _ROUTER_CLASSES[original]
+
+
+class AutoEPMoELayer(nn.Module):
+    """Replaces one MoE block. Submodule names equal the original block's, so parameter
+    names (and ``state_dict`` keys) are unchanged at ``autoep_size=1``."""
+
+    def __init__(self, spec: MoELayerSpec, router: nn.Module, experts: GroupedExperts,
+                 shared: nn.Module | None, shared_gate: nn.Module | None,
+                 local_expert_ids: tuple[int, ...]):
+        super().__init__()
+        self.spec = spec
+        self.routing = spec.routing
+        self.num_experts = spec.num_experts
+        self.top_k = spec.routing.top_k
+        self.hidden_size = spec.hidden_size
+        self.router_attr = spec.router_attr
+        self.experts_attr = spec.experts_attr
+        self.shared_attr = spec.shared_attr
+        self.shared_gate_attr = spec.shared_gate_attr
+        self.local_expert_ids = local_expert_ids
+        router.__class__ = routing_router_class(type(router))
+        router.autoep_routing = spec.routing
+        self.add_module(spec.router_attr, router)
+        self.add_module(spec.experts_attr, experts)
+        if shared is not None:
+            self.add_module(spec.shared_attr, shared)
+        if shared_gate is not None:
+            self.add_module(spec.shared_gate_attr, shared_gate)
+
+    # Accessors by role; the submodules themselves keep the original block's names.
+    def router_module(self) -> nn.Module:
+        return self._modules[self.router_attr]
+
+    def routed_experts(self) -> GroupedExperts:
+        return self._modules[self.experts_attr]
+
+    def shared_mlp(self) -> nn.Module | None:
+        return self._modules.get(self.shared_attr) if self.shared_attr else None
+
+    def shared_mlp_gate(self) -> nn.Module | None:
+        return self._modules.get(self.shared_gate_attr) if self.shared_gate_attr else None
+
+    def extra_repr(self) -> str:
+        return (f"preset={self.spec.preset}, experts={self.num_experts}, "
+                f"local={len(self.local_expert_ids)}, routing=[{self.routing.describe()}]")
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape, dtype = hidden_states.shape, hidden_states.dtype
+        hidden_TH = hidden_states.reshape(-1, shape[-1])
+        _, weights_TK, expert_ids_TK = self.router_module()(hidden_TH)
+        rows_RH, local_routing = sort_by_expert(hidden_TH, expert_ids_TK, self.num_experts)
+        expert_rows_RH = self.routed_experts()(rows_RH, local_routing.tokens_per_expert_E)
+        expert_out_TKH = unsort(expert_rows_RH, local_routing)
+        # Weighted combine in float32, slots summed in order: deterministic on every device.
+        routed_TH = (expert_out_TKH.float() * weights_TK.float().unsqueeze(-1)).sum(dim=1)
+        output_TH = routed_TH.to(dtype)
+        shared = self.shared_mlp()
+        if shared is not None:
+            shared_TH = shared(hidden_TH)
+            gate = self.shared_mlp_gate()
+            if gate is not None:
+                shared_TH = F.sigmoid(gate(hidden_TH)) * shared_TH
+            output_TH = output_TH + shared_TH
+        return output_TH.reshape(shape)
+
+
+def build_layer(spec: MoELayerSpec, use_grouped_mm: bool, ep_rank: int = 0, ep_size: int = 1) -> AutoEPMoELayer:
+    """Build the replacement for ``spec.block``, keeping this EP rank's slice of experts."""
+    block = spec.block
+    original = getattr(block, spec.experts_attr)
+    per_rank = spec.num_experts // ep_size
+    first = ep_rank * per_rank
+    gate_up = getattr(original, spec.gate_up_name)
+    down = getattr(original, spec.down_name)
+    if ep_size > 1:
+        gate_up = nn.Parameter(gate_up.detach()[first:first + per_rank].clone(), requires_grad=gate_up.requires_grad)
+        down = nn.Parameter(down.detach()[first:first + per_rank].clone(), requires_grad=down.requires_grad)
+    experts = GroupedExperts(gate_up, down, activation=spec.activation, use_grouped_mm=use_grouped_mm,
+                             gate_up_name=spec.gate_up_name, down_name=spec.down_name)
+    shared = getattr(block, spec.shared_attr) if spec.shared_attr else None
+    shared_gate = getattr(block, spec.shared_gate_attr) if spec.shared_gate_attr else None
+    layer = AutoEPMoELayer(spec, getattr(block, spec.router_attr), experts, shared, shared_gate,
+                           tuple(range(first, first + per_rank)))
+    layer.train(block.training)
+    return layer
