@@ -1,0 +1,109 @@
+"""The one place for numeric tolerances, by dtype and comparison kind.
+
+A comparison passes when every element satisfies |actual - expected| <= atol + rtol * |expected|
+(the rule of ``torch.testing.assert_close``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+    why: str
+    # "elementwise": |a-e| <= atol + rtol|e| for every element.
+    # "norm": ||a-e||_2 <= rtol * ||e||_2 + atol * sqrt(numel) (aggregate error, for bf16).
+    metric: str = "elementwise"
+    # atol is multiplied by max(1, max|expected|): rounding is relative to the tensor's scale.
+    scale_atol: bool = False
+    # With a baseline (the original model's error against the same oracle), the norm bound is
+    # max(rtol * ||expected||, baseline_factor * ||baseline - expected||).
+    baseline_factor: float | None = None
+
+
+TOLERANCES: dict[tuple[str, str], Tolerance] = {
+    # float32 unit roundoff is 6e-8; a length-n dot product of terms of size M carries up to
+    # ~n*u*M of rounding, so an element near zero in a tensor whose entries reach M can differ
+    # by ~1e-6*M between two correct summation orders. atol is therefore in units of the
+    # expected tensor's largest magnitude (scale_atol), never below the stated atol.
+    ("float32", "single"): Tolerance(1e-5, 1e-6, "same math in float32; only summation order differs "
+                                     "(grouped GEMM vs per-expert loop, fp32 combine vs index_add); atol x "
+                                     "max|expected|", scale_atol=True),
+    ("float32", "multi"): Tolerance(1e-4, 1e-5, "float32 with cross-rank reductions (AllToAll regrouping, "
+                                    "gradient all-reduce order) accumulating over several steps; atol x "
+                                    "max|expected|", scale_atol=True),
+    ("float64", "single"): Tolerance(1e-10, 1e-12, "float64: reduction order differences are ~1e-16 relative"),
+    # bf16 has unit roundoff u = 2^-8 = 3.9e-3, and the spacing of neighbouring values is up to
+    # 2^-7 = 7.8e-3 of their size. Transformers rounds each expert's weighted output to bf16 and
+    # sums the k slots in bf16; AutoEP and the reference sum in float32 and round once. So single
+    # elements legitimately differ by whole ulps (1-2 ulps = 0.8-1.6% of a value, and far more
+    # relative to a value near zero): an elementwise bound would measure rounding luck. The
+    # aggregate error is bounded instead: relative L2 error <= 1e-2, i.e. a few u of RMS error
+    # over a 2-layer model, while one routing mistake (an O(1) change in one token) exceeds it.
+    # bf16 (unit roundoff u = 2^-8 = 3.9e-3): single elements legitimately differ by whole ulps
+    # (Transformers rounds each expert's weighted output to bf16 and sums the k slots in bf16;
+    # AutoEP sums in float32 and rounds once), so the error is measured as a relative L2 norm
+    # against a float32 oracle (the same bf16 weights upcast, MoE blocks in float64). The bound
+    # is max(1e-2, 2 x the error of the original Transformers model in bf16 on the same tensor):
+    # AutoEP in bf16 must be about as accurate as Transformers in bf16. Backward passes through
+    # cross-entropy and attention in bf16 make some gradients' own error exceed 1e-2, which is why
+    # the bound follows the baseline; a routing mistake (an O(1) change of a token) exceeds both.
+    ("bfloat16", "single"): Tolerance(1e-2, 0.0, "bf16: relative L2 error vs a float32 oracle <= max(1e-2, "
+                                      "2 x Transformers' own bf16 error)", "norm", baseline_factor=2.0),
+    ("bfloat16", "multi"): Tolerance(1e-2, 0.0, "as bf16 single-process; reductions run in float32", "norm",
+                                     baseline_factor=2.0),
+    ("any", "checkpoint"): Tolerance(0.0, 0.0, "checkpoints store the same bits"),
+}
+
+
+def tolerance(dtype: torch.dtype | str, kind: str = "single") -> Tolerance:
+    name = dtype if isinstance(dtype, str) else str(dtype).replace("torch.", "")
+    if kind == "checkpoint":
+        return TOLERANCES[("any", "checkpoint")]
+    return TOLERANCES[(name, kind)]
+
+
+@dataclass
+class Comparison:
+    what: str
+    max_abs_diff: float
+    max_excess: float  # max of |a-e| - (atol + rtol |e|); <= 0 means within tolerance
+    ok: bool
+
+    def __str__(self) -> str:
+        return f"{self.what}: max|diff|={self.max_abs_diff:.3g} ({'ok' if self.ok else 'OUT OF TOLERANCE'})"
+
+
+def compare(what: str, actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance,
+            baseline: torch.Tensor | None = None) -> Comparison:
+    if actual.shape != expected.shape:
+        return Comparison(f"{what} (shape {tuple(actual.shape)} vs {tuple(expected.shape)})", float("inf"),
+                          float("inf"), False)
+    actual64 = actual.detach().to(torch.float64)
+    expected64 = expected.detach().to(torch.float64)
+    if actual64.numel() == 0:
+        return Comparison(what, 0.0, 0.0, True)
+    diff = (actual64 - expected64).abs()
+    finite = bool(torch.isfinite(actual64).all() and torch.isfinite(expected64).all())
+    if tol.metric == "norm":
+        bound = tol.rtol * float(expected64.norm()) + tol.atol * actual64.numel() ** 0.5
+        if baseline is not None and tol.baseline_factor is not None:
+            baseline_error = float((baseline.detach().to(torch.float64) - expected64).norm())
+            bound = max(bound, tol.baseline_factor * baseline_error)
+        max_excess = float(diff.norm()) - bound
+    else:
+        atol = tol.atol * max(1.0, float(expected64.abs().max())) if tol.scale_atol else tol.atol
+        max_excess = float((diff - (atol + tol.rtol * expected64.abs())).max())
+    return Comparison(what, float(diff.max()), max_excess, finite and max_excess <= 0)
+
+
+def assert_close(what: str, actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance) -> Comparison:
+    result = compare(what, actual, expected, tol)
+    if not result.ok:
+        raise AssertionError(f"{result} [rtol={tol.rtol}, atol={tol.atol}: {tol.why}]")
+    return result

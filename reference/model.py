@@ -1,0 +1,99 @@
+"""A whole Transformers model with every MoE block computed by the reference.
+
+The copy keeps the original's attention, norms and embeddings; each MoE block becomes a
+``ReferenceMoEBlock`` that holds the original block's submodules only as parameter
+containers (so parameter names, and gradients, line up with the original model) and
+computes its output with :func:`reference.moe.reference_block`. The aux loss is
+computed here from the recorded logits, not by Transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from reference.moe import BlockWeights, load_balancing_loss, reference_block
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where one block's weights live (attribute names), and how it routes."""
+
+    name: str
+    routing: object  # autoep.routing.RoutingSpec
+    router_attr: str
+    experts_attr: str
+    gate_up_name: str
+    down_name: str
+    shared_attr: str | None
+    shared_gate_attr: str | None
+
+
+class ReferenceMoEBlock(nn.Module):
+    def __init__(self, layout: BlockLayout, block: nn.Module, records: list, compute_dtype: torch.dtype | None):
+        super().__init__()
+        self.layout = layout
+        self.compute_dtype = compute_dtype
+        self._records = records
+        for attr in (layout.router_attr, layout.experts_attr, layout.shared_attr, layout.shared_gate_attr):
+            if attr is not None:
+                self.add_module(attr, getattr(block, attr))
+
+    def weights(self) -> BlockWeights:
+        layout = self.layout
+        router = self._modules[layout.router_attr]
+        experts = self._modules[layout.experts_attr]
+        weights = BlockWeights(
+            router_EH=router.weight,
+            gate_up_E2IH=getattr(experts, layout.gate_up_name),
+            down_EHI=getattr(experts, layout.down_name),
+            correction_bias_E=getattr(router, "e_score_correction_bias", None) if layout.routing.use_correction_bias
+            else None,
+        )
+        if layout.shared_attr is not None:
+            shared = self._modules[layout.shared_attr]
+            weights.shared_gate_IH = shared.gate_proj.weight
+            weights.shared_up_IH = shared.up_proj.weight
+            weights.shared_down_HI = shared.down_proj.weight
+            if layout.shared_gate_attr is not None:
+                weights.shared_gate_vector_H = self._modules[layout.shared_gate_attr].weight[0]
+        return weights
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
+        output_TH, logits_TE, _ = reference_block(self.layout.routing, self.weights(), hidden_TH, self.compute_dtype)
+        self._records.append(logits_TE)
+        return output_TH.reshape(hidden_states.shape)
+
+
+class ReferenceModel(nn.Module):
+    """Wraps a deep copy of a Transformers causal LM. ``forward`` returns
+    (logits, loss, aux_loss) where loss = cross-entropy + router_aux_loss_coef * aux_loss."""
+
+    def __init__(self, model: nn.Module, layouts: list[BlockLayout], compute_dtype: torch.dtype | None = None,
+                 with_aux_loss: bool = True):
+        super().__init__()
+        self.model = copy.deepcopy(model)
+        self.records: list[torch.Tensor] = []
+        self.layouts = layouts
+        self.with_aux_loss = with_aux_loss
+        for layout in layouts:
+            block = self.model.get_submodule(layout.name)
+            self.model.set_submodule(layout.name, ReferenceMoEBlock(layout, block, self.records, compute_dtype))
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
+        self.records.clear()
+        output = self.model(input_ids=input_ids, labels=labels, output_router_logits=False)
+        aux_loss = None
+        loss = output.loss
+        if self.with_aux_loss:
+            config = self.model.config.get_text_config()
+            routing = self.layouts[0].routing
+            top_k = getattr(config, "num_experts_per_tok", routing.top_k)
+            aux_loss = load_balancing_loss(list(self.records), routing.num_experts, top_k)
+            if loss is not None:
+                loss = loss + config.router_aux_loss_coef * aux_loss.to(loss.dtype)
+        return output.logits, loss, aux_loss
