@@ -31,9 +31,14 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     # ~n*u*M of rounding, so an element near zero in a tensor whose entries reach M can differ
     # by ~1e-6*M between two correct summation orders. atol is therefore in units of the
     # expected tensor's largest magnitude (scale_atol), never below the stated atol.
+    # Model-level comparisons against the oracle also pass when the subject is no farther from it
+    # than 2x the original Transformers model is (baseline_factor): in models whose non-MoE layers
+    # amplify float32 rounding (Qwen3.5's Gated DeltaNet backward), Transformers itself sits at the
+    # edge of the elementwise bound, and the subject cannot be expected to beat its own host model.
     ("float32", "single"): Tolerance(1e-5, 1e-6, "same math in float32; only summation order differs "
                                      "(grouped GEMM vs per-expert loop, fp32 combine vs index_add); atol x "
-                                     "max|expected|", scale_atol=True),
+                                     "max|expected|, or within 2x Transformers' own distance to the oracle",
+                                     scale_atol=True, baseline_factor=2.0),
     ("float32", "multi"): Tolerance(1e-4, 1e-5, "float32 with cross-rank reductions (AllToAll regrouping, "
                                     "gradient all-reduce order) accumulating over several steps; atol x "
                                     "max|expected|", scale_atol=True),
@@ -99,6 +104,9 @@ def compare(what: str, actual: torch.Tensor, expected: torch.Tensor, tol: Tolera
     else:
         atol = tol.atol * max(1.0, float(expected64.abs().max())) if tol.scale_atol else tol.atol
         max_excess = float((diff - (atol + tol.rtol * expected64.abs())).max())
+        if max_excess > 0 and baseline is not None and tol.baseline_factor is not None:
+            baseline_error = float((baseline.detach().to(torch.float64) - expected64).abs().max())
+            max_excess = min(max_excess, float(diff.max()) - tol.baseline_factor * baseline_error)
     return Comparison(what, float(diff.max()), max_excess, finite and max_excess <= 0)
 
 

@@ -93,7 +93,12 @@ class ReferenceModel(nn.Module):
             config = self.model.config.get_text_config()
             routing = self.layouts[0].routing
             top_k = getattr(config, "num_experts_per_tok", routing.top_k)
-            aux_loss = load_balancing_loss(list(self.records), routing.num_experts, top_k)
+            records = list(self.records)
+            if routing.recorded_output == "probabilities":
+                # The spec declares that this Transformers version hands softmax probabilities
+                # (not logits) to its aux loss, which applies softmax again.
+                records = [torch.softmax(logits.to(torch.float64), dim=-1) for logits in records]
+            aux_loss = load_balancing_loss(records, routing.num_experts, top_k)
             if loss is not None:
                 loss = loss + config.router_aux_loss_coef * aux_loss.to(loss.dtype)
         return output.logits, loss, aux_loss

@@ -1,0 +1,83 @@
+"""`autoep` console command.
+
+    autoep inspect MODEL_TYPE_OR_CONFIG_JSON [--ep-config BLOCK.json] [--json]
+
+builds the model on the meta device (no weights are allocated or downloaded) from a
+model type's default config or a config.json file, and prints the MoE blocks AutoEP
+would replace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _build_meta_model(source: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if os.path.exists(source):
+        path = os.path.dirname(source) if source.endswith(".json") else source
+        config = AutoConfig.from_pretrained(path) if os.path.isdir(path) and path else None
+        if config is None or source.endswith(".json"):
+            with open(source) as handle:
+                data = json.load(handle)
+            config = AutoConfig.for_model(data.pop("model_type"), **data)
+    else:
+        config = AutoConfig.for_model(source)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(config)
+        except ValueError:
+            return AutoModelForCausalLM.from_config(text)
+
+
+def _table(rows: list[dict]) -> str:
+    headers = list(rows[0])
+    widths = {h: max(len(h), *(len(str(r[h])) for r in rows)) for h in headers}
+    lines = ["  ".join(h.ljust(widths[h]) for h in headers), "  ".join("-" * widths[h] for h in headers)]
+    lines += ["  ".join(str(r[h]).ljust(widths[h]) for h in headers) for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_inspect(args) -> int:
+    import autoep
+
+    block = None
+    if args.ep_config:
+        with open(args.ep_config) as handle:
+            data = json.load(handle)
+        block = data.get("expert_parallel", data)
+    model = _build_meta_model(args.model)
+    specs = autoep.inspect(model, block)
+    rows = [spec.row() for spec in specs]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{type(model).__name__}: {len(rows)} MoE blocks would be replaced")
+        print(_table(rows))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="autoep", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser("inspect", help="show the MoE blocks AutoEP would replace")
+    inspect.add_argument("model", help="a model type (e.g. mixtral) or a config.json path")
+    inspect.add_argument("--ep-config", help="a DeepSpeed config (or bare expert_parallel block) JSON file")
+    inspect.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    inspect.set_defaults(func=cmd_inspect)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError) as error:
+        print(f"autoep {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Merge per-version results into conformance-report.json and a Markdown grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SYMBOLS = {"pass": "pass", "fail": "**FAIL**", "rejected_as_expected": "rejected (expected)",
+           "not_applicable": "n/a", "not_implemented": "not implemented yet", "skipped": "skipped"}
+
+
+def load(parts_dir: Path) -> list[dict]:
+    records = []
+    for path in sorted(parts_dir.glob("*.json")):
+        records += json.loads(path.read_text())["records"]
+    return records
+
+
+def markdown(records: list[dict]) -> str:
+    lines = ["# AutoEP conformance report", ""]
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[record["status"]] = counts.get(record["status"], 0) + 1
+    lines.append("Totals: " + ", ".join(f"{SYMBOLS.get(k, k)}: {v}" for k, v in sorted(counts.items())))
+    lines.append("")
+    by_version: dict[str, list[dict]] = {}
+    for record in records:
+        by_version.setdefault(record["transformers"], []).append(record)
+    for version, items in by_version.items():
+        topologies = list(dict.fromkeys(f"zero-{r['zero_stage']} w{r['world_size']} ep{r['autoep_size']}"
+                                        for r in items))
+        rows: dict[str, dict[str, str]] = {}
+        for r in items:
+            row = rows.setdefault(f"{r['subject']}: {r['case']} {r['dtype']}", {})
+            row[f"zero-{r['zero_stage']} w{r['world_size']} ep{r['autoep_size']}"] = SYMBOLS.get(r["status"], r["status"])
+        lines += [f"## transformers {version}", "", "| cell | " + " | ".join(topologies) + " |",
+                  "|---|" + "---|" * len(topologies)]
+        for name, row in rows.items():
+            lines.append(f"| {name} | " + " | ".join(row.get(t, "") for t in topologies) + " |")
+        lines.append("")
+        notes = [r for r in items if r.get("findings") or r["status"] == "fail"]
+        if notes:
+            lines += ["Findings and failures:", ""]
+            for r in notes:
+                for text in r.get("findings", []):
+                    lines.append(f"- {r['cell']}: finding: {text[:300]}")
+                if r["status"] == "fail":
+                    lines.append(f"- {r['cell']}: FAIL: {r.get('detail', '')[:300]}")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def write(parts_dir: Path, json_path: Path, markdown_path: Path) -> list[dict]:
+    records = load(parts_dir)
+    json_path.write_text(json.dumps({"records": records}, indent=1))
+    markdown_path.write_text(markdown(records))
+    return records

@@ -1,0 +1,83 @@
+"""Run the matrix cells for the installed Transformers version and record one result per cell."""
+
+from __future__ import annotations
+
+import copy
+import time
+import traceback
+
+import torch
+
+from conformance.equivalence import block_equivalence, model_equivalence
+from conformance.models import CASES_BY_ID
+from conformance.subjects import SUBJECTS
+from matrix.cells import Cell, default_matrix, expected
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def run_cell(cell: Cell, subject_name: str = "autoep") -> dict:
+    expectation = expected(cell)
+    subject = SUBJECTS[subject_name]
+    record = {"cell": cell.id, **cell.to_json(), "subject": subject_name, "expected": expectation.outcome,
+              "reason": expectation.reason, "findings": []}
+    started = time.perf_counter()
+    if expectation.outcome in ("not_applicable", "not_implemented"):
+        record["status"] = expectation.outcome
+    elif (why := subject.unavailable_reason()) is not None:
+        record.update(status="skipped", reason=why)
+    elif expectation.outcome == "rejected":
+        record.update(_run_rejection(cell, subject, expectation.error))
+    else:
+        record.update(_run_equivalence(cell, subject))
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    return record
+
+
+def _run_rejection(cell: Cell, subject, error_name: str) -> dict:
+    case = CASES_BY_ID[cell.case]
+    try:
+        model = case.build(dtype=DTYPES[cell.dtype])
+    except Exception as error:  # the family does not exist in this Transformers at all
+        return {"status": "rejected_as_expected",
+                "detail": f"model class unavailable: {type(error).__name__}: {error}"[:400]}
+    before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    try:
+        subject.apply(copy.deepcopy(model), {"autoep_size": cell.autoep_size})
+    except Exception as error:
+        ok = type(error).__name__ == error_name
+        return {"status": "rejected_as_expected" if ok else "fail",
+                "detail": f"{type(error).__name__}: {error}"[:400] + ("" if ok else f" (expected {error_name})")}
+    return {"status": "fail", "detail": f"expected {error_name}, but the subject accepted the model",
+            "unchanged": all(torch.equal(before[n], t) for n, t in model.state_dict().items())}
+
+
+def _run_equivalence(cell: Cell, subject) -> dict:
+    case = CASES_BY_ID[cell.case]
+    dtype = DTYPES[cell.dtype]
+    try:
+        model_result = model_equivalence(case, subject, dtype)
+        block_results = block_equivalence(case, subject, dtype)
+    except Exception:
+        return {"status": "fail", "detail": traceback.format_exc()[-1500:]}
+    failures = model_result.failures() + [f for block in block_results for f in block.failures()]
+    return {
+        "status": "pass" if not failures else "fail",
+        "detail": "; ".join(failures[:5]),
+        "findings": model_result.findings,
+        "input_seed": model_result.input_seed,
+        "tolerance": {"rtol": model_result.tolerance.rtol, "atol": model_result.tolerance.atol,
+                      "metric": model_result.tolerance.metric},
+        "max_abs_diff": model_result.to_json()["max_abs_diff"],
+        "block_max_abs_diff": max((c.max_abs_diff for b in block_results for items in b.comparisons.values()
+                                   for c in items), default=0.0),
+    }
+
+
+def run_matrix(transformers: str, subject_name: str = "autoep", case_filter: str | None = None) -> list[dict]:
+    records = []
+    for cell in default_matrix(transformers):
+        if case_filter and case_filter not in cell.case:
+            continue
+        records.append(run_cell(cell, subject_name))
+    return records
