@@ -94,8 +94,10 @@ class AutoEPMoELayer(nn.Module):
         rows_RH, local_routing = sort_by_expert(hidden_TH, expert_ids_TK, self.num_experts)
         expert_rows_RH = self.routed_experts()(rows_RH, local_routing.tokens_per_expert_E)
         expert_out_TKH = unsort(expert_rows_RH, local_routing)
-        # Weighted combine in float32, slots summed in order: deterministic on every device.
-        routed_TH = (expert_out_TKH.float() * weights_TK.float().unsqueeze(-1)).sum(dim=1)
+        # Weighted combine in float32 (float64 for a float64 model), slots summed in order:
+        # deterministic on every device.
+        combine_dtype = torch.promote_types(dtype, torch.float32)
+        routed_TH = (expert_out_TKH.to(combine_dtype) * weights_TK.to(combine_dtype).unsqueeze(-1)).sum(dim=1)
         output_TH = routed_TH.to(dtype)
         shared = self.shared_mlp()
         if shared is not None:

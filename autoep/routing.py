@@ -99,16 +99,18 @@ def route(
     float32 or hidden-dtype per the spec; ``expert_ids_TK`` is int64, best expert first.
     """
     logits_TE = router_logits(spec, hidden_TH, weight_EH)
+    # Scores in float32, or float64 for a float64 model (never below float32).
+    score_dtype = torch.promote_types(logits_TE.dtype, torch.float32)
     if spec.score_func == "softmax":
-        scores_TE = torch.softmax(logits_TE.float(), dim=-1)
+        scores_TE = torch.softmax(logits_TE.to(score_dtype), dim=-1)
     else:
-        scores_TE = torch.sigmoid(logits_TE.float())
+        scores_TE = torch.sigmoid(logits_TE.to(score_dtype))
 
     choice_TE = scores_TE
     if spec.use_correction_bias:
         if correction_bias_E is None:
             raise ValueError("RoutingSpec.use_correction_bias is set but the router has no e_score_correction_bias")
-        choice_TE = scores_TE + correction_bias_E.float()
+        choice_TE = scores_TE + correction_bias_E.to(score_dtype)
 
     if spec.num_groups is not None:
         num_tokens = choice_TE.shape[0]

@@ -42,7 +42,7 @@ def route_token(spec: RoutingSpec, logits_E: torch.Tensor, correction_bias: list
                 weights_dtype: torch.dtype) -> tuple[TokenRoute, torch.Tensor]:
     """Route one token from its router logits. Returns the route and the scores."""
     scores_E = _softmax(logits_E) if spec.score_func == "softmax" else _sigmoid(logits_E)
-    score_values = [float(score) for score in scores_E]
+    score_values = [float(score) for score in scores_E.detach()]
     choice = list(score_values)
     if spec.use_correction_bias:
         choice = [score + bias for score, bias in zip(score_values, correction_bias)]
