@@ -1,0 +1,40 @@
+"""nox sessions. Every install is pinned; torch==2.13.0 resolves to the local CPU build.
+
+    nox -s conformance   the default small matrix, one session per Transformers version
+    nox -s tests         the unit tests (newest pinned Transformers)
+"""
+
+import nox
+
+TORCH = "torch==2.13.0"
+DEEPSPEED = "deepspeed==0.19.8"
+# 5.0.0: first 5.x; 5.2.0: first with Qwen3.5-MoE; 5.24.0: newest 5.x that installs (pinned);
+# 4.57.6: the last 4.x, whose cells must end in the documented rejection.
+TRANSFORMERS_VERSIONS = ["5.24.0", "5.2.0", "5.0.0", "4.57.6"]
+NEWEST = "5.24.0"
+
+nox.options.sessions = ["conformance"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+def _install(session, transformers_version):
+    session.install(TORCH)
+    session.install(TORCH, f"transformers=={transformers_version}", DEEPSPEED, "packaging", "numpy")
+    session.install("--no-deps", "-e", ".")
+
+
+@nox.session(python="3.11")
+@nox.parametrize("transformers", TRANSFORMERS_VERSIONS)
+def conformance(session, transformers):
+    """Run the conformance matrix cells for one Transformers version and rebuild the report."""
+    _install(session, transformers)
+    session.env["PYTHONPATH"] = "."
+    session.run("python", "-m", "conformance", "run", *session.posargs)
+
+
+@nox.session(python="3.11")
+def tests(session):
+    """Unit tests of autoep/, reference/, matrix/ and conformance/."""
+    _install(session, NEWEST)
+    session.install(TORCH, "pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100")
+    session.run("python", "-m", "pytest", "-n", "2", *session.posargs)
