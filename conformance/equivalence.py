@@ -13,8 +13,8 @@ import autoep
 from conformance.models import ModelCase
 from conformance.subjects import Subject
 from conformance.tolerances import Comparison, Tolerance, compare, tolerance
-from reference.model import BlockLayout, ReferenceModel
-from reference.moe import BlockWeights, decision_margin, reference_block
+from reference.model import BlockLayout, ReferenceModel, block_weights
+from reference.moe import decision_margin, reference_block
 
 
 @dataclass
@@ -222,20 +222,6 @@ def model_equivalence(case: ModelCase, subject: Subject, dtype: torch.dtype = to
     return result
 
 
-def block_weights(spec: autoep.MoELayerSpec, block: torch.nn.Module) -> BlockWeights:
-    router = getattr(block, spec.router_attr)
-    experts = getattr(block, spec.experts_attr)
-    weights = BlockWeights(router.weight, getattr(experts, spec.gate_up_name), getattr(experts, spec.down_name),
-                           router.e_score_correction_bias if spec.routing.use_correction_bias else None)
-    if spec.shared_attr:
-        shared = getattr(block, spec.shared_attr)
-        weights.shared_gate_IH, weights.shared_up_IH = shared.gate_proj.weight, shared.up_proj.weight
-        weights.shared_down_HI = shared.down_proj.weight
-        if spec.shared_gate_attr:
-            weights.shared_gate_vector_H = getattr(block, spec.shared_gate_attr).weight[0]
-    return weights
-
-
 def pair_failed(module: torch.nn.Module, x: torch.Tensor) -> bool:
     """True (and the error kept on the function) if ``module`` cannot run ``x``: a Transformers
     version whose own block raises for this routing (5.0-5.2 DeepSeek-V2 group_limited_greedy)."""
@@ -281,7 +267,7 @@ def block_equivalence(case: ModelCase, subject: Subject, dtype: torch.dtype = to
                 result.findings.append(f"original block raised: {pair_failed.error}")
                 continue
             if module is None:
-                out_TH, _, _ = reference_block(spec.routing, block_weights(spec, original.get_submodule(spec.name)),
+                out_TH, _, _ = reference_block(spec.routing, block_weights(original.get_submodule(spec.name), layouts([spec])[0]),
                                                x.reshape(num_tokens, -1), compute_dtype=torch.float64)
                 out = out_TH.reshape(x.shape)
             else:

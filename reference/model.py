@@ -32,6 +32,27 @@ class BlockLayout:
     shared_gate_attr: str | None
 
 
+def block_weights(block: nn.Module, layout: BlockLayout) -> BlockWeights:
+    """The weights of a block (the original one, or a ReferenceMoEBlock holding the same
+    submodules), read by the attribute names of its layout."""
+    router = getattr(block, layout.router_attr)
+    experts = getattr(block, layout.experts_attr)
+    weights = BlockWeights(
+        router_EH=router.weight,
+        gate_up_E2IH=getattr(experts, layout.gate_up_name),
+        down_EHI=getattr(experts, layout.down_name),
+        correction_bias_E=router.e_score_correction_bias if layout.routing.use_correction_bias else None,
+    )
+    if layout.shared_attr is not None:
+        shared = getattr(block, layout.shared_attr)
+        weights.shared_gate_IH = shared.gate_proj.weight
+        weights.shared_up_IH = shared.up_proj.weight
+        weights.shared_down_HI = shared.down_proj.weight
+        if layout.shared_gate_attr is not None:
+            weights.shared_gate_vector_H = getattr(block, layout.shared_gate_attr).weight[0]
+    return weights
+
+
 class ReferenceMoEBlock(nn.Module):
     def __init__(self, layout: BlockLayout, block: nn.Module, records: list, compute_dtype: torch.dtype | None):
         super().__init__()
@@ -43,24 +64,7 @@ class ReferenceMoEBlock(nn.Module):
                 self.add_module(attr, getattr(block, attr))
 
     def weights(self) -> BlockWeights:
-        layout = self.layout
-        router = self._modules[layout.router_attr]
-        experts = self._modules[layout.experts_attr]
-        weights = BlockWeights(
-            router_EH=router.weight,
-            gate_up_E2IH=getattr(experts, layout.gate_up_name),
-            down_EHI=getattr(experts, layout.down_name),
-            correction_bias_E=getattr(router, "e_score_correction_bias", None) if layout.routing.use_correction_bias
-            else None,
-        )
-        if layout.shared_attr is not None:
-            shared = self._modules[layout.shared_attr]
-            weights.shared_gate_IH = shared.gate_proj.weight
-            weights.shared_up_IH = shared.up_proj.weight
-            weights.shared_down_HI = shared.down_proj.weight
-            if layout.shared_gate_attr is not None:
-                weights.shared_gate_vector_H = self._modules[layout.shared_gate_attr].weight[0]
-        return weights
+        return block_weights(self, self.layout)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
