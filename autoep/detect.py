@@ -44,10 +44,15 @@ class MoELayerSpec:
     experts_attr: str
     gate_up_name: str
     down_name: str
-    shared_kind: str = "none"
     shared_attr: str | None = None
     shared_gate_attr: str | None = None
     block: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def shared_kind(self) -> str:
+        if self.shared_attr is None:
+            return "none"
+        return "sigmoid_gated" if self.shared_gate_attr else "ungated"
 
     def row(self) -> dict[str, object]:
         """One table row for `autoep inspect`."""
@@ -181,21 +186,22 @@ def detect(model: nn.Module, config: AutoEPConfig) -> list[MoELayerSpec]:
     experts_attr = config.expert_pattern or preset.experts_attr
     gate_up_name = config.expert_w1 or preset.gate_up_name
     down_name = config.expert_w2 or preset.down_name
-    shared_kind, shared_attr, shared_gate_attr = preset.shared_for(model_type)
+    shared_attr, shared_gate_attr = preset.shared_for(model_type)
     if config.shared_experts_pattern is not None:
         shared_attr = config.shared_experts_pattern
     if config.shared_experts_gate_pattern is not None:
         shared_gate_attr = config.shared_experts_gate_pattern
     if config.has_shared_experts is False:
-        shared_kind, shared_attr, shared_gate_attr = "none", None, None
+        # a block that still holds shared experts then fails the "unknown submodules" check
+        shared_attr = shared_gate_attr = None
     elif config.has_shared_experts and shared_attr is None:
         raise DetectionError(
             "expert_parallel.has_shared_experts=true but no shared expert module is named: set "
             "expert_parallel.shared_experts_pattern.")
-    if shared_attr is not None and shared_kind == "none":
-        shared_kind = "sigmoid_gated" if shared_gate_attr else "ungated"
-    if shared_attr is not None and shared_gate_attr is not None:
-        shared_kind = "sigmoid_gated"
+    if shared_gate_attr is not None and shared_attr is None:
+        raise DetectionError(
+            f"expert_parallel.shared_experts_gate_pattern={shared_gate_attr!r} names a gate but no shared expert "
+            "is named: set expert_parallel.shared_experts_pattern too.")
 
     specs: list[MoELayerSpec] = []
     for name, module in model.named_modules():
@@ -206,8 +212,7 @@ def detect(model: nn.Module, config: AutoEPConfig) -> list[MoELayerSpec]:
             continue
         specs.append(_check_block(
             name, module, preset, model_type, routing, num_experts, top_k, hidden, intermediate, activation,
-            router_attr, experts_attr, gate_up_name, down_name, shared_kind, shared_attr, shared_gate_attr,
-            explicit_has_shared=config.has_shared_experts))
+            router_attr, experts_attr, gate_up_name, down_name, shared_attr, shared_gate_attr))
     if not specs:
         where = f"matching moe_layer_pattern {config.moe_layer_pattern!r}" if pattern else f"of class {block_class}"
         raise DetectionError(f"no MoE block {where} found in {type(model).__name__} (preset {preset.name!r}).")
@@ -215,8 +220,7 @@ def detect(model: nn.Module, config: AutoEPConfig) -> list[MoELayerSpec]:
 
 
 def _check_block(name, block, preset, model_type, routing, num_experts, top_k, hidden, intermediate, activation,
-                 router_attr, experts_attr, gate_up_name, down_name, shared_kind, shared_attr, shared_gate_attr,
-                 explicit_has_shared) -> MoELayerSpec:
+                 router_attr, experts_attr, gate_up_name, down_name, shared_attr, shared_gate_attr) -> MoELayerSpec:
     where = f"MoE block {name!r} ({type(block).__name__})"
     router = getattr(block, router_attr, None)
     experts = getattr(block, experts_attr, None)
@@ -255,34 +259,28 @@ def _check_block(name, block, preset, model_type, routing, num_experts, top_k, h
     if routing.use_correction_bias and not isinstance(getattr(router, "e_score_correction_bias", None), torch.Tensor):
         raise DetectionError(f"{where}: routing uses e_score_correction_bias but {router_attr} has none.")
 
-    present_shared = shared_attr is not None and getattr(block, shared_attr, None) is not None
-    if shared_attr is not None and not present_shared:
-        if explicit_has_shared or shared_kind != "none":
-            raise DetectionError(f"{where}: shared expert {shared_attr!r} not found.")
+    if shared_attr is not None and getattr(block, shared_attr, None) is None:
+        raise DetectionError(f"{where}: shared expert {shared_attr!r} not found.")
     if shared_gate_attr is not None and getattr(block, shared_gate_attr, None) is None:
         raise DetectionError(f"{where}: shared expert gate {shared_gate_attr!r} not found.")
-    understood = {router_attr, experts_attr} | ({shared_attr} if present_shared else set())
-    if shared_gate_attr is not None:
-        understood.add(shared_gate_attr)
+    understood = {router_attr, experts_attr} | {attr for attr in (shared_attr, shared_gate_attr) if attr}
     unknown = [child for child, _ in block.named_children() if child not in understood]
     if unknown:
         raise DetectionError(
             f"{where} has submodules {unknown} that the preset does not describe (known: {sorted(understood)}); "
             "refusing to replace a block it does not fully understand. If they are shared experts, set "
             "expert_parallel.shared_experts_pattern / shared_experts_gate_pattern.")
-    if present_shared:
+    if shared_attr is not None:
         _check_shared_mlp(where, getattr(block, shared_attr), hidden)
-        if shared_gate_attr is not None:
-            gate = getattr(block, shared_gate_attr)
-            if _shape(gate.weight) != (1, hidden) or getattr(gate, "bias", None) is not None:
-                raise DetectionError(f"{where}: shared expert gate must be Linear(H={hidden}, 1) without bias.")
+    if shared_gate_attr is not None:
+        gate = getattr(block, shared_gate_attr)
+        if _shape(gate.weight) != (1, hidden) or getattr(gate, "bias", None) is not None:
+            raise DetectionError(f"{where}: shared expert gate must be Linear(H={hidden}, 1) without bias.")
     return MoELayerSpec(
         name=name, block_class=type(block).__name__, preset=preset.name, model_type=model_type, routing=routing,
         num_experts=num_experts, top_k=top_k, hidden_size=hidden, intermediate_size=intermediate,
         activation=activation, router_attr=router_attr, experts_attr=experts_attr, gate_up_name=gate_up_name,
-        down_name=down_name, shared_kind=shared_kind if present_shared else "none",
-        shared_attr=shared_attr if present_shared else None,
-        shared_gate_attr=shared_gate_attr if present_shared else None, block=block)
+        down_name=down_name, shared_attr=shared_attr, shared_gate_attr=shared_gate_attr, block=block)
 
 
 def _check_shared_mlp(where: str, mlp: nn.Module, hidden: int) -> None:

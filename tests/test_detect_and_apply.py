@@ -117,3 +117,14 @@ def test_cli_inspect_prints_table(capsys):
     assert "MixtralForCausalLM: 32 MoE blocks" in out and "model.layers.31.mlp" in out
     assert main(["inspect", "llama"]) == 2
     assert "no built-in AutoEP preset" in capsys.readouterr().err
+
+
+def test_shared_experts_are_never_dropped():
+    model = CASES_BY_ID["qwen2_moe"].build()
+    specs = autoep.inspect(model)
+    assert (specs[0].shared_kind, specs[0].shared_attr, specs[0].shared_gate_attr) == (
+        "sigmoid_gated", "shared_expert", "shared_expert_gate")
+    with pytest.raises(DetectionError, match="does not fully understand"):
+        autoep.inspect(model, {"has_shared_experts": False})
+    with pytest.raises(DetectionError, match="shared_experts_gate_pattern='shared_expert_gate' names a gate"):
+        autoep.inspect(CASES_BY_ID["mixtral"].build(), {"shared_experts_gate_pattern": "shared_expert_gate"})

@@ -7,8 +7,6 @@ from typing import Any, Callable
 
 from autoep.routing import RoutingSpec
 
-SharedKind = str  # "none" | "ungated" | "sigmoid_gated"
-
 
 @dataclass(frozen=True)
 class Preset:
@@ -27,9 +25,10 @@ class Preset:
     experts_attr: str = "experts"
     gate_up_name: str = "gate_up_proj"
     down_name: str = "down_proj"
-    # Shared experts: attribute names and how they are combined, per model type.
-    shared: dict[str, tuple[SharedKind, str | None, str | None]] | None = None
+    # Shared experts per model type: (shared expert MLP attribute, sigmoid gate attribute or None
+    # for an ungated shared expert).
+    shared: dict[str, tuple[str, str | None]] | None = None
     notes: str = ""
 
-    def shared_for(self, model_type: str) -> tuple[SharedKind, str | None, str | None]:
-        return (self.shared or {}).get(model_type, ("none", None, None))
+    def shared_for(self, model_type: str) -> tuple[str | None, str | None]:
+        return (self.shared or {}).get(model_type, (None, None))

@@ -35,6 +35,6 @@ PRESET = Preset(
     top_k_field="num_experts_per_tok",
     intermediate_field="moe_intermediate_size",
     routing=_routing,
-    shared={"deepseek_v2": ("ungated", "shared_experts", None)},
+    shared={"deepseek_v2": ("shared_experts", None)},
     notes="greedy and group_limited_greedy; load_balance_coeff must stay null",
 )

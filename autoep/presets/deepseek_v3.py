@@ -34,6 +34,6 @@ PRESET = Preset(
     top_k_field="num_experts_per_tok",
     intermediate_field="moe_intermediate_size",
     routing=_routing,
-    shared={"deepseek_v3": ("ungated", "shared_experts", None)},
+    shared={"deepseek_v3": ("shared_experts", None)},
     notes="e_score_correction_bias buffer kept; load_balance_coeff must stay null",
 )

@@ -27,8 +27,8 @@ PRESET = Preset(
     intermediate_field="moe_intermediate_size",
     routing=_routing,
     shared={
-        "qwen3_5_moe_text": ("sigmoid_gated", "shared_expert", "shared_expert_gate"),
-        "qwen3_5_moe": ("sigmoid_gated", "shared_expert", "shared_expert_gate"),
+        "qwen3_5_moe_text": ("shared_expert", "shared_expert_gate"),
+        "qwen3_5_moe": ("shared_expert", "shared_expert_gate"),
     },
     notes="model type qwen3_5_moe_text (the VLM's language model is found too)",
 )

@@ -26,6 +26,6 @@ PRESET = Preset(
     top_k_field="num_experts_per_tok",
     intermediate_field="moe_intermediate_size",
     routing=_routing,
-    shared={"qwen2_moe": ("sigmoid_gated", "shared_expert", "shared_expert_gate")},
+    shared={"qwen2_moe": ("shared_expert", "shared_expert_gate")},
     notes="also covers Qwen2-MoE (sigmoid-gated shared expert)",
 )
