@@ -23,7 +23,9 @@ def routing_cases(draw):
         group_score = "max"
     spec = RoutingSpec(
         num_experts=num_experts, top_k=draw(st.integers(1, max_k)), score_func=score_func,
-        router_matmul_fp32=True, use_correction_bias=draw(st.booleans()) and score_func == "sigmoid",
+        # router matmul in the (float64) input dtype: the fp32 rounding of router_matmul_fp32 would
+        # break exact ties of sums that this test is about
+        router_matmul_fp32=False, use_correction_bias=draw(st.booleans()) and score_func == "sigmoid",
         num_groups=groups, topk_groups=topk_groups, group_score=group_score,
         renormalize=draw(st.booleans()), renormalize_epsilon=draw(st.sampled_from([0.0, 1e-20])),
         scale=draw(st.sampled_from([1.0, 2.5])))
