@@ -39,8 +39,8 @@ def _ranked(values: list[float], candidates: list[int]) -> list[int]:
 
 
 def route_token(spec: RoutingSpec, logits_E: torch.Tensor, correction_bias: list[float] | None,
-                weights_dtype: torch.dtype) -> tuple[TokenRoute, torch.Tensor]:
-    """Route one token from its router logits. Returns the route and the scores."""
+                weights_dtype: torch.dtype) -> TokenRoute:
+    """Route one token from its router logits."""
     scores_E = _softmax(logits_E) if spec.score_func == "softmax" else _sigmoid(logits_E)
     score_values = [float(score) for score in scores_E.detach()]
     choice = list(score_values)
@@ -68,7 +68,7 @@ def route_token(spec: RoutingSpec, logits_E: torch.Tensor, correction_bias: list
     weights = [weight * spec.scale for weight in weights]
     if spec.weights_dtype == "hidden":
         weights = [weight.to(weights_dtype).to(scores_E.dtype) for weight in weights]
-    return TokenRoute(chosen, weights), scores_E
+    return TokenRoute(chosen, weights)
 
 
 def _silu(values: torch.Tensor) -> torch.Tensor:
@@ -109,7 +109,7 @@ def reference_block(spec: RoutingSpec, weights: BlockWeights, hidden_TH: torch.T
         logits_E = router_EH @ x_H
         if not spec.router_matmul_fp32:
             logits_E = logits_E.to(model_dtype).to(compute)  # the router runs in the model dtype
-        route, _ = route_token(spec, logits_E, bias, weights_dtype=model_dtype)
+        route = route_token(spec, logits_E, bias, weights_dtype=model_dtype)
         out_H = torch.zeros_like(x_H)
         for expert, weight in zip(route.experts, route.weights):
             gate_up = weights.gate_up_E2IH[expert].to(compute)
@@ -150,14 +150,6 @@ def load_balancing_loss(layer_logits: list[torch.Tensor], num_experts: int, top_
     for expert in range(num_experts):
         total = total + (slot_counts[expert] / num_tokens) * (probability_sums[expert] / num_tokens)
     return total * num_experts
-
-
-def expected_token_counts(routes: list[TokenRoute], num_experts: int) -> list[int]:
-    counts = [0] * num_experts
-    for route in routes:
-        for expert in route.experts:
-            counts[expert] += 1
-    return counts
 
 
 def decision_margin(spec: RoutingSpec, logits_E: torch.Tensor, correction_bias: list[float] | None) -> float:

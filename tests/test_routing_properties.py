@@ -47,7 +47,7 @@ def test_router_matches_reference_including_ties(case):
     logits_TE = logits_TE.double()
     _, weights_TK, ids_TK = route(spec, logits_TE, torch.eye(spec.num_experts, dtype=torch.float64), bias_E)
     for token in range(logits_TE.shape[0]):
-        expected, _ = route_token(spec, logits_TE[token], [float(b) for b in bias_E], torch.float64)
+        expected = route_token(spec, logits_TE[token], [float(b) for b in bias_E], torch.float64)
         assert ids_TK[token].tolist() == expected.experts
         torch.testing.assert_close(weights_TK[token].double(), torch.stack(expected.weights).double(),
                                    rtol=1e-6, atol=1e-7)
