@@ -19,13 +19,12 @@ def _build_meta_model(source: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if os.path.exists(source):
-        path = os.path.dirname(source) if source.endswith(".json") else source
-        config = AutoConfig.from_pretrained(path) if os.path.isdir(path) and path else None
-        if config is None or source.endswith(".json"):
-            with open(source) as handle:
-                data = json.load(handle)
-            config = AutoConfig.for_model(data.pop("model_type"), **data)
+    if os.path.isdir(source):  # a model folder holding config.json
+        config = AutoConfig.from_pretrained(source)
+    elif os.path.isfile(source):  # a config.json file
+        with open(source) as handle:
+            data = json.load(handle)
+        config = AutoConfig.for_model(data.pop("model_type"), **data)
     else:
         config = AutoConfig.for_model(source)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config

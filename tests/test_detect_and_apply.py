@@ -128,3 +128,13 @@ def test_shared_experts_are_never_dropped():
         autoep.inspect(model, {"has_shared_experts": False})
     with pytest.raises(DetectionError, match="shared_experts_gate_pattern='shared_expert_gate' names a gate"):
         autoep.inspect(CASES_BY_ID["mixtral"].build(), {"shared_experts_gate_pattern": "shared_expert_gate"})
+
+
+def test_cli_inspect_reads_a_config_file(tmp_path, capsys):
+    from autoep.cli import main
+    from conformance.models import make_config
+
+    path = tmp_path / "config.json"
+    make_config(CASES_BY_ID["deepseek_v3"]).to_json_file(path)
+    assert main(["inspect", str(path), "--json"]) == 0
+    assert '"preset": "deepseek_v3"' in capsys.readouterr().out
