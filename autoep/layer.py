@@ -9,6 +9,8 @@ stays an instance of the original router class, so Transformers' output recorder
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,15 +53,11 @@ class AutoEPMoELayer(nn.Module):
                  shared: nn.Module | None, shared_gate: nn.Module | None,
                  local_expert_ids: tuple[int, ...]):
         super().__init__()
-        self.spec = spec
+        # The spec without its reference to the original block, which would otherwise keep the
+        # replaced block (and, under expert parallelism, every expert's weights) alive.
+        self.spec = dataclasses.replace(spec, block=None)
         self.routing = spec.routing
         self.num_experts = spec.num_experts
-        self.top_k = spec.routing.top_k
-        self.hidden_size = spec.hidden_size
-        self.router_attr = spec.router_attr
-        self.experts_attr = spec.experts_attr
-        self.shared_attr = spec.shared_attr
-        self.shared_gate_attr = spec.shared_gate_attr
         self.local_expert_ids = local_expert_ids
         router.__class__ = routing_router_class(type(router))
         router.autoep_routing = spec.routing
@@ -72,16 +70,16 @@ class AutoEPMoELayer(nn.Module):
 
     # Accessors by role; the submodules themselves keep the original block's names.
     def router_module(self) -> nn.Module:
-        return self._modules[self.router_attr]
+        return self._modules[self.spec.router_attr]
 
     def routed_experts(self) -> GroupedExperts:
-        return self._modules[self.experts_attr]
+        return self._modules[self.spec.experts_attr]
 
     def shared_mlp(self) -> nn.Module | None:
-        return self._modules.get(self.shared_attr) if self.shared_attr else None
+        return self._modules.get(self.spec.shared_attr) if self.spec.shared_attr else None
 
     def shared_mlp_gate(self) -> nn.Module | None:
-        return self._modules.get(self.shared_gate_attr) if self.shared_gate_attr else None
+        return self._modules.get(self.spec.shared_gate_attr) if self.spec.shared_gate_attr else None
 
     def extra_repr(self) -> str:
         return (f"preset={self.spec.preset}, experts={self.num_experts}, "
