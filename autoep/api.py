@@ -1,4 +1,4 @@
-"""`autoep.apply` and `autoep.inspect`: the one-process entry points."""
+"""`autoep.apply` (one process, or every rank of a torch.distributed job) and `autoep.inspect`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from autoep.config import AutoEPConfig, AutoEPConfigError, as_config
+from autoep.config import AutoEPConfig, as_config
 from autoep.detect import MoELayerSpec, detect
+from autoep.groups import build_groups
 from autoep.layer import AutoEPMoELayer, build_layer
 
 logger = logging.getLogger("autoep")
@@ -30,10 +31,15 @@ def replaced_layers(model: nn.Module) -> list[tuple[str, AutoEPMoELayer]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, AutoEPMoELayer)]
 
 
-def apply(model: nn.Module, config: AutoEPConfig | Mapping[str, Any] | None = None) -> nn.Module:
+def apply(model: nn.Module, config: AutoEPConfig | Mapping[str, Any] | None = None, group=None) -> nn.Module:
     """Replace every detected MoE block of ``model`` in place; returns ``model``.
 
-    Everything is validated before the first module is replaced.
+    With ``autoep_size > 1`` this is collective: every rank of ``group`` (default: the
+    whole ``torch.distributed`` world) calls it with the same model and config. EP groups are
+    ``autoep_size`` consecutive ranks; each rank keeps experts ``[ep_rank*E/ep, (ep_rank+1)*E/ep)``
+    of every layer, sliced from its own full copy (so every rank must hold the same weights,
+    as after a common seed or a broadcast). Router, shared experts and everything else stay
+    replicated. Everything is validated before the first module or process group is created.
     """
     config = _resolve(config)
     if not config.enabled:
@@ -42,18 +48,12 @@ def apply(model: nn.Module, config: AutoEPConfig | Mapping[str, Any] | None = No
     if replaced_layers(model):
         raise ValueError("autoep.apply: the model already holds AutoEPMoELayer modules (applied twice?)")
     specs = detect(model, config)
-    ep_size, ep_rank = config.autoep_size, 0
+    expert_counts = {spec.name: spec.num_experts for spec in specs}
+    groups = None
+    if config.autoep_size > 1:
+        groups = build_groups(config.autoep_size, group, expert_counts)  # validates sizes first
     for spec in specs:
-        if spec.num_experts % ep_size:
-            raise AutoEPConfigError(
-                f"expert_parallel.autoep_size={ep_size} does not divide the {spec.num_experts} experts of "
-                f"{spec.name!r}; valid sizes: {[d for d in range(1, spec.num_experts + 1) if spec.num_experts % d == 0]}.")
-    if ep_size > 1:
-        raise NotImplementedError(
-            f"expert_parallel.autoep_size={ep_size} > 1 needs the expert-parallel runtime (torch.distributed "
-            "EP groups and AllToAll dispatch), which is not implemented yet; use autoep_size=1.")
-    for spec in specs:
-        layer = build_layer(spec, use_grouped_mm=config.use_grouped_mm, ep_rank=ep_rank, ep_size=ep_size)
+        layer = build_layer(spec, use_grouped_mm=config.use_grouped_mm, groups=groups)
         model.set_submodule(spec.name, layer)
     logger.info("autoep: replaced %d MoE blocks (preset %s)", len(specs), specs[0].preset)
     return model

@@ -1,7 +1,20 @@
-"""Token permutation: sort routed rows by expert, and the exact inverse.
+"""Token dispatch and combine: sort routed rows by expert, exchange them over the EP group,
+and the exact reverse. See DESIGN section 2.
 
-With ``autoep_size == 1`` every expert is local and no collective runs; the same
-sort / unsort is the first and last step of the expert-parallel AllToAll path.
+One path for every ``autoep_size``::
+
+    dispatch:  sort by expert          [T,H] -> rows_RH, tokens_per_expert_E  (stable)
+               count exchange          all_to_all_single of tokens_per_expert_E (E int64)
+               token AllToAll          rows_RH -> received rows, uneven splits, no padding
+               rank-major -> expert-major permutation
+    combine:   the inverse permutation, the AllToAll back (splits swapped), unsort -> [T,K,H]
+
+With ``autoep_size == 1`` (``groups is None``) the collectives and the permutation are
+skipped and the rest is unchanged. Experts are laid out contiguously over the EP group (EP
+rank r holds experts ``[r*E_local, (r+1)*E_local)``), so the expert-sorted rows are already
+grouped by destination rank. Every collective has its autograd adjoint: the AllToAll's
+backward is the AllToAll with the splits swapped; permutations use ``index_select``, whose
+backward scatters each row to exactly one place (deterministic).
 """
 
 from __future__ import annotations
@@ -9,6 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch.profiler import record_function
+
+from autoep.groups import ExpertParallelGroups
 
 
 @dataclass
@@ -20,6 +37,24 @@ class LocalRouting:
     tokens_per_expert_E: torch.Tensor
     num_tokens: int
     top_k: int
+
+
+@dataclass
+class DispatchState:
+    """What :func:`dispatch` decided, needed by :func:`combine` to undo it."""
+
+    local: LocalRouting
+    tokens_per_local_expert: torch.Tensor       # [E_local] rows the local experts receive
+    groups: ExpertParallelGroups | None = None
+    send_splits: list[int] | None = None        # rows sent to each EP rank
+    receive_splits: list[int] | None = None     # rows received from each EP rank
+    expert_major_order: torch.Tensor | None = None  # received row index at each expert-major row
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
 
 
 def sort_by_expert(hidden_TH: torch.Tensor, expert_ids_TK: torch.Tensor, num_experts: int
@@ -36,6 +71,74 @@ def sort_by_expert(hidden_TH: torch.Tensor, expert_ids_TK: torch.Tensor, num_exp
 
 def unsort(rows_RH: torch.Tensor, routing: LocalRouting) -> torch.Tensor:
     """Inverse of :func:`sort_by_expert`: returns ``[T, K, H]`` in token/slot order."""
-    inverse_R = torch.empty_like(routing.order_R)
-    inverse_R[routing.order_R] = torch.arange(routing.order_R.numel(), device=routing.order_R.device)
-    return rows_RH.index_select(0, inverse_R).view(routing.num_tokens, routing.top_k, rows_RH.shape[-1])
+    rows_RH = rows_RH.index_select(0, inverse_permutation(routing.order_R))
+    return rows_RH.view(routing.num_tokens, routing.top_k, rows_RH.shape[-1])
+
+
+def _all_to_all(rows: torch.Tensor, receive_splits: list[int], send_splits: list[int], group) -> torch.Tensor:
+    received = rows.new_empty((sum(receive_splits),) + tuple(rows.shape[1:]))
+    # Looked up at call time (not imported by name) so a test can count what crosses the wire.
+    dist.all_to_all_single(received, rows.contiguous(), output_split_sizes=receive_splits,
+                           input_split_sizes=send_splits, group=group)
+    return received
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows exchanged over ``group`` with uneven splits; backward sends gradients back."""
+
+    @staticmethod
+    def forward(ctx, rows, receive_splits, send_splits, group, label):
+        ctx.splits, ctx.group, ctx.label = (receive_splits, send_splits), group, label
+        with record_function(f"autoep.{label}"):
+            return _all_to_all(rows, receive_splits, send_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        receive_splits, send_splits = ctx.splits
+        with record_function(f"autoep.{ctx.label}.backward"):
+            return _all_to_all(grad, send_splits, receive_splits, ctx.group), None, None, None, None
+
+
+def exchange_counts(tokens_per_expert_E: torch.Tensor, groups: ExpertParallelGroups) -> torch.Tensor:
+    """Each EP rank learns how many rows every peer sends to each of its local experts:
+    returns ``[ep_size, E_local]`` (source EP rank, local expert)."""
+    received_E = torch.empty_like(tokens_per_expert_E)
+    with record_function("autoep.count_exchange"):
+        dist.all_to_all_single(received_E, tokens_per_expert_E, group=groups.ep_group)
+    return received_E.view(groups.ep_size, -1)
+
+
+def dispatch(hidden_TH: torch.Tensor, expert_ids_TK: torch.Tensor, num_experts: int,
+             groups: ExpertParallelGroups | None) -> tuple[torch.Tensor, DispatchState]:
+    """Rows for this rank's local experts, expert-major (all rows of local expert 0 from every
+    source rank, then local expert 1, ...), and the state to combine them back."""
+    rows_RH, local = sort_by_expert(hidden_TH, expert_ids_TK, num_experts)
+    if groups is None or groups.ep_size == 1:
+        return rows_RH, DispatchState(local, local.tokens_per_expert_E)
+    ep_size = groups.ep_size
+    received_counts_SE = exchange_counts(local.tokens_per_expert_E, groups)
+    send_splits = local.tokens_per_expert_E.view(ep_size, -1).sum(dim=1).tolist()
+    receive_splits = received_counts_SE.sum(dim=1).tolist()
+    received_RH = _AllToAll.apply(rows_RH, receive_splits, send_splits, groups.ep_group, "dispatch")
+    # Received rows are rank-major (source rank, then local expert); the experts need them
+    # expert-major. Segment (s, e) starts at offset_SE[s, e] in the received rows.
+    counts_SE = received_counts_SE
+    offset_SE = (torch.cumsum(counts_SE.reshape(-1), 0) - counts_SE.reshape(-1)).view_as(counts_SE)
+    counts_ES, offset_ES = counts_SE.t().reshape(-1), offset_SE.t().reshape(-1)
+    target_start_ES = torch.cumsum(counts_ES, 0) - counts_ES
+    total = int(counts_ES.sum())
+    expert_major_order = (torch.arange(total, device=counts_ES.device)
+                          + torch.repeat_interleave(offset_ES - target_start_ES, counts_ES, output_size=total))
+    rows_for_experts = received_RH.index_select(0, expert_major_order)
+    state = DispatchState(local, counts_SE.sum(dim=0), groups, send_splits, receive_splits, expert_major_order)
+    return rows_for_experts, state
+
+
+def combine(expert_rows: torch.Tensor, state: DispatchState) -> torch.Tensor:
+    """The reverse of :func:`dispatch`: expert outputs back to their tokens, ``[T, K, H]``."""
+    if state.groups is None or state.groups.ep_size == 1:
+        return unsort(expert_rows, state.local)
+    rank_major = expert_rows.index_select(0, inverse_permutation(state.expert_major_order))
+    returned_RH = _AllToAll.apply(rank_major, state.send_splits, state.receive_splits, state.groups.ep_group,
+                                  "combine")
+    return unsort(returned_RH, state.local)

@@ -1,5 +1,6 @@
-"""AutoEPMoELayer: router -> sort by expert -> grouped experts -> unsort -> weighted combine
-(+ shared experts). See DESIGN section 2.
+"""AutoEPMoELayer: router -> dispatch (sort by expert, AllToAll over the EP group) -> grouped
+experts -> combine (AllToAll back, unsort) -> weighted sum (+ shared experts). See DESIGN
+section 2.
 
 The original router instance is kept (its parameters, buffers and any hooks) and its
 class is swapped for a subclass whose forward implements the preset's RoutingSpec. It
@@ -16,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoep.detect import MoELayerSpec
-from autoep.dispatch import sort_by_expert, unsort
+from autoep.dispatch import combine, dispatch
 from autoep.experts import GroupedExperts
+from autoep.groups import ExpertParallelGroups
 from autoep.routing import RoutingSpec, route
 
 
@@ -47,11 +49,12 @@ def routing_router_class(original: type) -> type:
 
 class AutoEPMoELayer(nn.Module):
     """Replaces one MoE block. Submodule names equal the original block's, so parameter
-    names (and ``state_dict`` keys) are unchanged at ``autoep_size=1``."""
+    names (and ``state_dict`` keys) are unchanged; under expert parallelism the expert
+    tensors hold only this rank's experts, ``local_expert_ids`` (global ids, contiguous)."""
 
     def __init__(self, spec: MoELayerSpec, router: nn.Module, experts: GroupedExperts,
                  shared: nn.Module | None, shared_gate: nn.Module | None,
-                 local_expert_ids: tuple[int, ...]):
+                 local_expert_ids: tuple[int, ...], groups: ExpertParallelGroups | None = None):
         super().__init__()
         # The spec without its reference to the original block, which would otherwise keep the
         # replaced block (and, under expert parallelism, every expert's weights) alive.
@@ -59,6 +62,7 @@ class AutoEPMoELayer(nn.Module):
         self.routing = spec.routing
         self.num_experts = spec.num_experts
         self.local_expert_ids = local_expert_ids
+        self.ep_groups = groups  # None: every expert is local and no collective runs
         router.__class__ = routing_router_class(type(router))
         router.autoep_routing = spec.routing
         self.add_module(spec.router_attr, router)
@@ -82,16 +86,17 @@ class AutoEPMoELayer(nn.Module):
         return self._modules.get(self.spec.shared_gate_attr) if self.spec.shared_gate_attr else None
 
     def extra_repr(self) -> str:
-        return (f"preset={self.spec.preset}, experts={self.num_experts}, "
-                f"local={len(self.local_expert_ids)}, routing=[{self.routing.describe()}]")
+        ep = f"ep_rank={self.ep_groups.ep_rank}/{self.ep_groups.ep_size}, " if self.ep_groups else ""
+        return (f"preset={self.spec.preset}, experts={self.num_experts}, {ep}"
+                f"local={self.local_expert_ids[0]}..{self.local_expert_ids[-1]}, routing=[{self.routing.describe()}]")
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape, dtype = hidden_states.shape, hidden_states.dtype
         hidden_TH = hidden_states.reshape(-1, shape[-1])
         _, weights_TK, expert_ids_TK = self.router_module()(hidden_TH)
-        rows_RH, local_routing = sort_by_expert(hidden_TH, expert_ids_TK, self.num_experts)
-        expert_rows_RH = self.routed_experts()(rows_RH, local_routing.tokens_per_expert_E)
-        expert_out_TKH = unsort(expert_rows_RH, local_routing)
+        rows_RH, state = dispatch(hidden_TH, expert_ids_TK, self.num_experts, self.ep_groups)
+        expert_rows_RH = self.routed_experts()(rows_RH, state.tokens_per_local_expert)
+        expert_out_TKH = combine(expert_rows_RH, state)
         # Weighted combine in float32 (float64 for a float64 model), slots summed in order:
         # deterministic on every device.
         combine_dtype = torch.promote_types(dtype, torch.float32)
@@ -107,12 +112,15 @@ class AutoEPMoELayer(nn.Module):
         return output_TH.reshape(shape)
 
 
-def build_layer(spec: MoELayerSpec, use_grouped_mm: bool, ep_rank: int = 0, ep_size: int = 1) -> AutoEPMoELayer:
-    """Build the replacement for ``spec.block``, keeping this EP rank's slice of experts."""
+def build_layer(spec: MoELayerSpec, use_grouped_mm: bool, groups: ExpertParallelGroups | None = None
+                ) -> AutoEPMoELayer:
+    """Build the replacement for ``spec.block``, keeping this EP rank's slice of experts
+    (sliced from the block's full expert tensors: deterministic, no communication)."""
     block = spec.block
     original = getattr(block, spec.experts_attr)
+    ep_size = groups.ep_size if groups is not None else 1
     per_rank = spec.num_experts // ep_size
-    first = ep_rank * per_rank
+    first = (groups.ep_rank if groups is not None else 0) * per_rank
     gate_up = getattr(original, spec.gate_up_name)
     down = getattr(original, spec.down_name)
     if ep_size > 1:
@@ -123,6 +131,6 @@ def build_layer(spec: MoELayerSpec, use_grouped_mm: bool, ep_rank: int = 0, ep_s
     shared = getattr(block, spec.shared_attr) if spec.shared_attr else None
     shared_gate = getattr(block, spec.shared_gate_attr) if spec.shared_gate_attr else None
     layer = AutoEPMoELayer(spec, getattr(block, spec.router_attr), experts, shared, shared_gate,
-                           tuple(range(first, first + per_rank)))
+                           tuple(range(first, first + per_rank)), groups if ep_size > 1 else None)
     layer.train(block.training)
     return layer

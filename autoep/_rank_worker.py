@@ -1,0 +1,83 @@
+"""The rank process started by :class:`autoep.launch.RankPool` (``python -m autoep._rank_worker``).
+
+It connects back to the parent, joins the default process group through the parent's
+TCPStore, then runs ``(target, args, kwargs)`` requests until told to stop. Every outcome
+goes back as ``("ok", result)`` or ``("error", traceback)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import time
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import Client
+
+from autoep.launch import receive, send
+
+
+def _exit_when_parent_dies(parent_pid: int) -> None:
+    # A rank blocked in a collective never reads its connection again; this thread ends the
+    # process once the parent is gone (killed, crashed, Ctrl-C), so no rank outlives its pool.
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(3)
+        time.sleep(0.5)
+
+
+def _resolve(name: str):
+    module_name, _, qualname = name.partition(":")
+    target = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def main() -> None:
+    env = os.environ
+    rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+    threading.Thread(target=_exit_when_parent_dies, args=(int(env["AUTOEP_RANK_PARENT_PID"]),),
+                     daemon=True).start()
+    host, port = env["AUTOEP_RANK_PARENT"].rsplit(":", 1)
+    connection = Client((host, int(port)), authkey=bytes.fromhex(env["AUTOEP_RANK_AUTHKEY"]))
+    send(connection, rank)
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(int(env["AUTOEP_THREADS"]))
+        if env["AUTOEP_DEVICE"] == "cuda":
+            torch.cuda.set_device(rank)
+        store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size + 1, is_master=False,
+                              timeout=timedelta(seconds=120))
+        dist.init_process_group(env["AUTOEP_BACKEND"], store=store, rank=rank, world_size=world_size)
+        send(connection, ("ok", None))
+    except BaseException:
+        send(connection, ("error", traceback.format_exc()))
+        return
+    while True:
+        try:
+            request = receive(connection)
+        except (EOFError, OSError, KeyboardInterrupt):
+            break
+        if request is None:
+            break
+        name, args, kwargs = request
+        try:
+            outcome = ("ok", _resolve(name)(*args, **kwargs))
+        except BaseException:
+            outcome = ("error", traceback.format_exc())
+        try:
+            send(connection, outcome)
+        except Exception:  # an unpicklable result
+            send(connection, ("error", traceback.format_exc()))
+    try:
+        dist.destroy_process_group()
+    except Exception:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""The one launcher for multi-process runs: tests, conformance, benchmarks and examples.
+
+``RankPool(world_size)`` starts ``world_size`` rank processes on 127.0.0.1, each joined
+to one ``torch.distributed`` default process group, and runs named functions on every
+rank::
+
+    with RankPool(2) as pool:
+        results = pool.run("mypackage.cases:step", 3, timeout=60)  # one result per rank
+
+- Device and backend are chosen in one place, :func:`backend_for`: gloo on CPU, NCCL on
+  CUDA (rank r uses ``cuda:r``).
+- The rendezvous is a ``TCPStore`` held by this (parent) process and bound to port 0, so
+  the OS picks a free port and no two pools can collide.
+- A rank that raises sends back its traceback; the call raises :class:`RankError` with
+  every rank's outcome. A call that runs past its timeout raises :class:`RankTimeout`.
+  Either way (and on Ctrl-C) the pool's processes are killed, since ranks left inside a
+  collective cannot be reused; :func:`shared_pool` then starts a fresh pool on next use.
+- Rank processes exit when this process exits or dies (a watchdog thread polls the parent
+  pid), so no process is ever left behind.
+- Pools are reused: :func:`shared_pool` keeps one pool per (world size, device) for the
+  life of the process; starting ranks (interpreter + torch import) costs seconds, a call
+  on a warm pool milliseconds.
+
+Targets are named ``"module:function"`` (or given as a module-level function) so that a
+rank process can import them; arguments and results travel pickled.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import pickle
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from multiprocessing.connection import Connection, Listener, wait
+from typing import Any, Callable
+
+HOST = "127.0.0.1"
+DEFAULT_TIMEOUT_S = 300.0
+START_TIMEOUT_S = 120.0
+# After one rank failed, how long the others get to finish (they may be blocked in a
+# collective with the failed rank, and are then killed).
+FAILURE_GRACE_S = 5.0
+
+
+def backend_for(device: str) -> str:
+    """The collective backend for a device type: the only place this choice is made."""
+    if device == "cpu":
+        return "gloo"
+    if device == "cuda":
+        return "nccl"
+    raise ValueError(f"device={device!r}: the launcher supports 'cpu' (gloo) and 'cuda' (nccl)")
+
+
+def send(connection: Connection, message: Any) -> None:
+    # Plain pickle: Connection.send's pickler shares tensor storage through file descriptors
+    # (torch.multiprocessing's reductions), which needs a multiprocessing-started peer.
+    # Rank processes are plain subprocesses, so tensors travel as bytes.
+    connection.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def receive(connection: Connection) -> Any:
+    return pickle.loads(connection.recv_bytes())
+
+
+def target_name(target: str | Callable) -> str:
+    if isinstance(target, str):
+        if ":" not in target:
+            raise ValueError(f"target {target!r} must be 'module:function'")
+        return target
+    module, qualname = target.__module__, target.__qualname__
+    if module == "__main__" or "<locals>" in qualname:
+        raise ValueError(f"target {qualname!r} must be a module-level function of an importable module "
+                         f"(got module {module!r}); rank processes import it by name")
+    return f"{module}:{qualname}"
+
+
+class RankError(RuntimeError):
+    """At least one rank raised. ``outcomes[r]`` is ``("ok", result)`` or ``("error", traceback)``
+    or ``("killed", why)`` for each rank."""
+
+    def __init__(self, target: str, outcomes: list[tuple[str, Any]]):
+        self.outcomes = outcomes
+        lines = [f"{target} failed on rank(s) "
+                 f"{[r for r, (kind, _) in enumerate(outcomes) if kind != 'ok']} of {len(outcomes)}:"]
+        for rank, (kind, detail) in enumerate(outcomes):
+            if kind != "ok":
+                lines.append(f"--- rank {rank} ({kind}) ---\n{detail}".rstrip())
+        super().__init__("\n".join(lines))
+
+
+class RankTimeout(TimeoutError):
+    """A call did not finish on every rank within its timeout; the pool was killed."""
+
+
+@dataclass
+class _Rank:
+    process: subprocess.Popen
+    connection: Connection | None = None
+
+
+class RankPool:
+    """``world_size`` rank processes in one default process group (see module docstring)."""
+
+    def __init__(self, world_size: int, device: str = "cpu", threads_per_rank: int = 1,
+                 env: dict[str, str] | None = None, start_timeout: float = START_TIMEOUT_S):
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        import torch.distributed as dist
+
+        self.world_size = world_size
+        self.device = device
+        self.backend = backend_for(device)
+        self.closed = False
+        self._store = dist.TCPStore(HOST, 0, world_size + 1, is_master=True, wait_for_workers=False,
+                                    timeout=timedelta(seconds=start_timeout))
+        authkey = secrets.token_bytes(16)
+        self._listener = Listener((HOST, 0), authkey=authkey)
+        child_env = {**os.environ, **(env or {}),
+                     "AUTOEP_RANK_PARENT": f"{HOST}:{self._listener.address[1]}",
+                     "AUTOEP_RANK_AUTHKEY": authkey.hex(), "AUTOEP_RANK_PARENT_PID": str(os.getpid()),
+                     "MASTER_ADDR": HOST, "MASTER_PORT": str(self._store.port),
+                     "WORLD_SIZE": str(world_size), "AUTOEP_DEVICE": device, "AUTOEP_BACKEND": self.backend,
+                     "AUTOEP_THREADS": str(threads_per_rank), "OMP_NUM_THREADS": str(threads_per_rank),
+                     "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._ranks: list[_Rank] = []
+        try:
+            for rank in range(world_size):
+                process = subprocess.Popen([sys.executable, "-m", "autoep._rank_worker"],
+                                           env={**child_env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+                self._ranks.append(_Rank(process))
+            self._accept(start_timeout)
+            self._collect("<start>", start_timeout)  # every rank joined the process group
+        except BaseException:
+            self.close(kill=True)
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        return [rank.process.pid for rank in self._ranks]
+
+    def _accept(self, timeout: float) -> None:
+        import threading
+
+        by_rank: dict[int, Connection] = {}
+        errors: list[BaseException] = []
+
+        def accept_all() -> None:
+            try:
+                while len(by_rank) < self.world_size:
+                    connection = self._listener.accept()
+                    by_rank[receive(connection)] = connection
+            except BaseException as error:  # the listener was closed below, or a bad handshake
+                errors.append(error)
+
+        acceptor = threading.Thread(target=accept_all, daemon=True)
+        acceptor.start()
+        deadline = time.monotonic() + timeout
+        while acceptor.is_alive():
+            acceptor.join(0.1)
+            dead = [r for r, rank in enumerate(self._ranks) if rank.process.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                self._listener.close()  # ends the acceptor thread
+                acceptor.join()
+                if dead:
+                    raise RuntimeError(f"rank process(es) {dead} exited during start-up (exit codes "
+                                       f"{[self._ranks[r].process.returncode for r in dead]})")
+                raise RankTimeout(f"rank processes did not connect within {timeout:.0f} s")
+        if errors:
+            raise RuntimeError(f"rank start-up handshake failed: {errors[0]!r}")
+        for rank, connection in by_rank.items():
+            self._ranks[rank].connection = connection
+
+    def run(self, target: str | Callable, *args, timeout: float = DEFAULT_TIMEOUT_S, **kwargs) -> list[Any]:
+        """Run ``target(*args, **kwargs)`` on every rank; returns the results in rank order."""
+        return self.run_per_rank(target, [(args, kwargs)] * self.world_size, timeout=timeout)
+
+    def run_per_rank(self, target: str | Callable, calls: list[tuple[tuple, dict]],
+                     timeout: float = DEFAULT_TIMEOUT_S) -> list[Any]:
+        """Like :meth:`run`, with its own ``(args, kwargs)`` for each rank."""
+        if self.closed:
+            raise RuntimeError("this RankPool was closed (after a failure, timeout or close())")
+        if len(calls) != self.world_size:
+            raise ValueError(f"{len(calls)} calls for {self.world_size} ranks")
+        name = target_name(target)
+        try:
+            for rank, (args, kwargs) in zip(self._ranks, calls):
+                send(rank.connection, (name, args, kwargs))
+            return self._collect(name, timeout)
+        except BaseException:
+            self.close(kill=True)  # ranks may be inside a collective: not reusable
+            raise
+
+    def _collect(self, name: str, timeout: float) -> list[Any]:
+        outcomes: dict[int, tuple[str, Any]] = {}
+        pending = {rank.connection: r for r, rank in enumerate(self._ranks)}
+        deadline = time.monotonic() + timeout
+        while pending:
+            failed = any(kind != "ok" for kind, _ in outcomes.values())
+            remaining = deadline - time.monotonic()
+            if failed:
+                remaining = min(remaining, FAILURE_GRACE_S)
+            ready = wait(list(pending), timeout=max(remaining, 0.0))
+            if not ready:
+                if failed:
+                    for r in pending.values():
+                        outcomes[r] = ("killed", f"still running {FAILURE_GRACE_S:.0f} s after another rank "
+                                                 "failed (blocked in a collective with it?)")
+                    break
+                raise RankTimeout(f"{name} did not finish within {timeout:.0f} s on rank(s) "
+                                  f"{sorted(pending.values())} of {self.world_size}; the pool was killed")
+            for connection in ready:
+                rank = pending.pop(connection)
+                try:
+                    outcomes[rank] = receive(connection)
+                except (EOFError, OSError):
+                    code = self._ranks[rank].process.wait(timeout=10)
+                    outcomes[rank] = ("killed", f"rank process exited with code {code}")
+        ordered = [outcomes[r] for r in range(self.world_size)]
+        if any(kind != "ok" for kind, _ in ordered):
+            raise RankError(name, ordered)
+        return [result for _, result in ordered]
+
+    def close(self, kill: bool = False) -> None:
+        """Stop every rank process: politely (they leave the process group) unless ``kill``."""
+        if self.closed:
+            return
+        self.closed = True
+        if not kill:
+            for rank in self._ranks:
+                try:
+                    send(rank.connection, None)
+                except Exception:
+                    kill = True
+            for rank in self._ranks:
+                try:
+                    rank.process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+        for rank in self._ranks:
+            if rank.process.poll() is None:
+                rank.process.kill()
+            rank.process.wait()
+            if rank.connection is not None:
+                rank.connection.close()
+        self._listener.close()
+        for pool_key, pool in list(_SHARED.items()):
+            if pool is self:
+                del _SHARED[pool_key]
+
+    def __enter__(self) -> "RankPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(kill=exc[0] is not None)
+
+
+_SHARED: dict[tuple[int, str], RankPool] = {}
+
+
+def shared_pool(world_size: int, device: str = "cpu") -> RankPool:
+    """The process-wide pool for ``(world_size, device)``, started on first use and again
+    after a failure killed it."""
+    key = (world_size, device)
+    pool = _SHARED.get(key)
+    if pool is None or pool.closed:
+        pool = _SHARED[key] = RankPool(world_size, device)
+    return pool
+
+
+def close_shared_pools() -> None:
+    for pool in list(_SHARED.values()):
+        pool.close()
+
+
+atexit.register(close_shared_pools)
+
+
+def run(world_size: int, target: str | Callable, *args, device: str = "cpu",
+        timeout: float = DEFAULT_TIMEOUT_S, **kwargs) -> list[Any]:
+    """Run ``target`` on every rank of the shared pool of ``world_size``."""
+    return shared_pool(world_size, device).run(target, *args, timeout=timeout, **kwargs)
