@@ -37,4 +37,4 @@ def tests(session):
     """Unit tests of autoep/, reference/, matrix/ and conformance/."""
     _install(session, NEWEST)
     session.install(TORCH, "pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100")
-    session.run("python", "-m", "pytest", "-n", "2", *session.posargs)
+    session.run("python", "-m", "pytest", "-n", "2", "--dist", "loadgroup", *session.posargs)

@@ -64,7 +64,7 @@ def layouts(specs: list[autoep.MoELayerSpec]) -> list[BlockLayout]:
                         s.shared_attr, s.shared_gate_attr) for s in specs]
 
 
-def batch(vocab_size: int, seed: int, shape=(2, 8)) -> torch.Tensor:
+def batch(vocab_size: int, seed: int, shape: tuple[int, int] = (2, 8)) -> torch.Tensor:
     return torch.randint(0, vocab_size, shape, generator=torch.Generator().manual_seed(seed))
 
 
@@ -115,30 +115,39 @@ def min_margin(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
     return min(margins)
 
 
-def tie_free_batch(models: list[torch.nn.Module], vocab: int, dtype_name: str, seed: int, tries: int = 200
-                   ) -> tuple[torch.Tensor, int]:
+def tie_free_batch(models: list[torch.nn.Module], vocab: int, dtype_name: str, seed: int, tries: int = 200,
+                   shape: tuple[int, int] = (2, 8)) -> tuple[torch.Tensor, int]:
     """First batch (from ``seed`` on) with no routing near-tie in any layer of any of
     ``models`` (the oracle, and the subject, whose low-precision hidden states drift)."""
     for attempt in range(tries):
-        input_ids = batch(vocab, seed + attempt)
+        input_ids = batch(vocab, seed + attempt, shape)
         if all(min_margin(model, input_ids) > NEAR_TIE[dtype_name] for model in models):
             return input_ids, seed + attempt
     raise AssertionError(f"no input without routing near-ties found in {tries} draws (threshold "
                          f"{NEAR_TIE[dtype_name]} for {dtype_name}); use a larger model or another seed")
 
 
-def _run(model, input_ids, reference: bool = False) -> RunOutput:
+def _run(model, input_ids, reference: bool = False, micro_batches: int = 1) -> RunOutput:
+    """Forward and backward of the data-parallel objective: the mean over ``micro_batches``
+    equal slices of the batch of each slice's loss (for the cross-entropy this is the
+    global-batch mean; the aux loss is a statistic of each micro-batch, as under any data-
+    parallel engine, so ``aux_loss`` holds one value per micro-batch)."""
     model.zero_grad(set_to_none=True)
-    if reference:
-        logits, loss, aux = model(input_ids=input_ids, labels=input_ids)
-        params = model.model.named_parameters()
-    else:
-        out = model(input_ids=input_ids, labels=input_ids)
-        logits, loss, aux = out.logits, out.loss, getattr(out, "aux_loss", None)
-        params = model.named_parameters()
-    loss.backward()
+    logits, losses, auxes = [], [], []
+    for micro_ids in input_ids.chunk(micro_batches):
+        if reference:
+            micro_logits, loss, aux = model(input_ids=micro_ids, labels=micro_ids)
+        else:
+            out = model(input_ids=micro_ids, labels=micro_ids)
+            micro_logits, loss, aux = out.logits, out.loss, getattr(out, "aux_loss", None)
+        (loss / micro_batches).backward()
+        logits.append(micro_logits.detach())
+        losses.append(loss.detach())
+        auxes.append(None if aux is None else aux.detach().reshape(1))
+    params = model.model.named_parameters() if reference else model.named_parameters()
     grads = {name: p.grad.detach().clone() for name, p in params if p.grad is not None}
-    return RunOutput(logits.detach(), loss.detach(), None if aux is None else aux.detach(), grads)
+    aux_loss = None if auxes[0] is None else torch.cat(auxes)
+    return RunOutput(torch.cat(logits), torch.stack(losses).mean(), aux_loss, grads)
 
 
 def _compare_runs(a: RunOutput, b: RunOutput, tol: Tolerance, with_aux: bool,
@@ -166,8 +175,16 @@ def _compare_runs(a: RunOutput, b: RunOutput, tol: Tolerance, with_aux: bool,
 
 
 def model_equivalence(case: ModelCase, subject: Subject, dtype: torch.dtype = torch.float32, seed: int = 0,
-                      block: dict | None = None) -> EquivalenceResult:
-    tol = tolerance(dtype, "single")
+                      block: dict | None = None, world_size: int | None = None, autoep_size: int = 1
+                      ) -> EquivalenceResult:
+    """Subject vs reference vs original Transformers model on one global batch.
+
+    ``world_size=None`` runs the subject in this process. Otherwise it runs on ``world_size``
+    rank processes (:mod:`conformance.parallel`), each on its own micro-batch of the global
+    batch, with ``autoep_size``; gradients are reduced as an engine would, and everything is
+    compared with the single-process reference of the same data-parallel objective.
+    """
+    tol = tolerance(dtype, "single" if world_size is None else "multi")
     original = case.build(seed=seed, dtype=dtype)
     result = EquivalenceResult(case.id, str(dtype).replace("torch.", ""), tol)
     specs = autoep.inspect(original, block)
@@ -182,16 +199,24 @@ def model_equivalence(case: ModelCase, subject: Subject, dtype: torch.dtype = to
     if autoep.replaced_layers(replaced):
         margin_checks.append(replaced)
     vocab = original.config.get_text_config().vocab_size
-    input_ids, result.input_seed = tie_free_batch(margin_checks, vocab, result.dtype, seed + 7)
+    micro_batches = world_size or 1
+    shape = (2, 8) if world_size is None else (world_size, 8)  # one sequence per rank
+    input_ids, result.input_seed = tie_free_batch(margin_checks, vocab, result.dtype, seed + 7, shape=shape)
 
     if case.has_aux_loss and specs[0].routing.recorded_output == "probabilities":
         result.findings.append(
             "this Transformers version records softmax probabilities in the router_logits slot, so its aux "
             "loss applies softmax twice; AutoEP reproduces it (RoutingSpec.recorded_output='probabilities')")
-    subject_run = _run(replaced, input_ids)
-    reference_run = _run(reference, input_ids, reference=True)
+    if world_size is None:
+        subject_run = _run(replaced, input_ids)
+    else:
+        from conformance.parallel import run_subject_on_ranks
+
+        subject_run = run_subject_on_ranks(case, subject, dtype, seed, dict(block or {}), input_ids, world_size,
+                                           autoep_size)
+    reference_run = _run(reference, input_ids, reference=True, micro_batches=micro_batches)
     try:
-        original_run = _run(original, input_ids)
+        original_run = _run(original, input_ids, micro_batches=micro_batches)
     except Exception as error:  # a Transformers version whose own block cannot run this routing
         result.findings.append(f"original Transformers model raised {type(error).__name__}: {error}")
         original_run = None
@@ -200,7 +225,8 @@ def model_equivalence(case: ModelCase, subject: Subject, dtype: torch.dtype = to
         # No Transformers run to measure bf16's own error against: use the reference math run
         # at the model's precision (bf16 outside the MoE blocks) as the baseline instead.
         baseline = _run(ReferenceModel(original, layouts(specs), compute_dtype=torch.float64,
-                                       with_aux_loss=case.has_aux_loss), input_ids, reference=True)
+                                       with_aux_loss=case.has_aux_loss), input_ids, reference=True,
+                        micro_batches=micro_batches)
     result.comparisons["subject~reference"] = _compare_runs(subject_run, reference_run, tol, case.has_aux_loss,
                                                             baseline)
     if original_run is None:

@@ -19,7 +19,12 @@ class Subject(Protocol):
         """None when the subject can run here, else why not."""
 
     def apply(self, model: nn.Module, block: dict) -> nn.Module:
-        """Return the subject's replacement of ``model`` for the ``expert_parallel`` block."""
+        """Return the subject's replacement of ``model`` for the ``expert_parallel`` block
+        (collective under torch.distributed when ``autoep_size > 1``)."""
+
+    def expert_shards(self, model: nn.Module) -> dict[str, tuple[int, int]]:
+        """For each expert parameter of the parallel model: (first global expert held here,
+        number of experts in the layer). Parameters not listed are replicated."""
 
 
 class AutoEPSubject:
@@ -32,6 +37,16 @@ class AutoEPSubject:
         import autoep
 
         return autoep.apply(model, {"enabled": True, **block})
+
+    def expert_shards(self, model: nn.Module) -> dict[str, tuple[int, int]]:
+        import autoep
+
+        shards = {}
+        for layer_name, layer in autoep.replaced_layers(model):
+            experts_name = f"{layer_name}.{layer.spec.experts_attr}"
+            for param_name, _ in layer.routed_experts().named_parameters():
+                shards[f"{experts_name}.{param_name}"] = (layer.local_expert_ids[0], layer.num_experts)
+        return shards
 
 
 SUBJECTS: dict[str, Subject] = {"autoep": AutoEPSubject()}

@@ -43,6 +43,10 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
                                     "gradient all-reduce order) accumulating over several steps; atol x "
                                     "max|expected|", scale_atol=True),
     ("float64", "single"): Tolerance(1e-10, 1e-12, "float64: reduction order differences are ~1e-16 relative"),
+    # Central differences (f(w+h) - f(w-h)) / 2h in float64 with h = 1e-6: truncation error
+    # ~h^2 |f'''| ~ 1e-12, cancellation error ~ 1e-16 |f| / h ~ 1e-10 |f|; the bound leaves 10x.
+    ("float64", "finite_difference"): Tolerance(1e-6, 1e-9, "float64 central differences, h=1e-6: "
+                                                "truncation ~h^2, cancellation ~1e-16|f|/h", scale_atol=True),
     # bf16 has unit roundoff u = 2^-8 = 3.9e-3, and the spacing of neighbouring values is up to
     # 2^-7 = 7.8e-3 of their size. Transformers rounds each expert's weighted output to bf16 and
     # sums the k slots in bf16; AutoEP and the reference sum in float32 and round once. So single

@@ -142,7 +142,7 @@ def load_balancing_loss(layer_logits: list[torch.Tensor], num_experts: int, top_
     probability_sums = None
     for row in rows:
         probabilities = _softmax(row.float() if row.dtype != torch.float64 else row)
-        values = [float(p) for p in probabilities]
+        values = [float(p) for p in probabilities.detach()]
         for expert in _ranked(values, list(range(num_experts)))[:top_k]:
             slot_counts[expert] += 1
         probability_sums = probabilities if probability_sums is None else probability_sums + probabilities

@@ -1,0 +1,165 @@
+"""The launcher: results per rank, pool reuse, failures, timeouts, and no process left behind."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from autoep import launch
+from autoep.groups import build_groups, check_autoep_size, layout, valid_autoep_sizes
+from autoep.config import AutoEPConfigError
+
+pytestmark = pytest.mark.xdist_group("ranks")
+
+
+def rank_facts(offset: float) -> dict:
+    value = torch.tensor([dist.get_rank() + offset])
+    dist.all_reduce(value)
+    return {"rank": dist.get_rank(), "world": dist.get_world_size(), "backend": dist.get_backend(),
+            "sum": float(value), "pid": os.getpid(), "threads": torch.get_num_threads()}
+
+
+def fail_on_rank_one() -> int:
+    if dist.get_rank() == 1:
+        raise ValueError("deliberate failure on rank 1")
+    dist.barrier()  # the others block here until the pool is killed
+    return 0
+
+
+def sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie (exited, not yet reaped) counts as gone
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+def _wait_gone(pids, seconds=15.0) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    return [pid for pid in pids if _alive(pid)]
+
+
+def test_results_in_rank_order_and_pool_reused():
+    first = launch.run(4, rank_facts, 1.0)
+    assert [r["rank"] for r in first] == [0, 1, 2, 3]
+    assert {r["world"] for r in first} == {4} and {r["backend"] for r in first} == {"gloo"}
+    assert {r["sum"] for r in first} == {10.0}  # 1+2+3+4: one process group over all ranks
+    assert {r["threads"] for r in first} == {1}
+    second = launch.run(4, "test_launch:rank_facts", 0.0)
+    assert [r["pid"] for r in second] == [r["pid"] for r in first]  # the same warm processes
+
+
+def test_backend_is_chosen_in_one_place():
+    assert (launch.backend_for("cpu"), launch.backend_for("cuda")) == ("gloo", "nccl")
+    with pytest.raises(ValueError, match="device='tpu'"):
+        launch.backend_for("tpu")
+
+
+def test_targets_must_be_importable_by_name():
+    def local():
+        pass
+
+    with pytest.raises(ValueError, match="module-level function"):
+        launch.target_name(local)
+    with pytest.raises(ValueError, match="'module:function'"):
+        launch.target_name("no_colon")
+
+
+def test_rank_failure_returns_traceback_and_replaces_the_pool():
+    pool = launch.shared_pool(2)
+    pids = pool.pids
+    with pytest.raises(launch.RankError) as raised:
+        launch.run(2, fail_on_rank_one)
+    message = str(raised.value)
+    assert "ValueError: deliberate failure on rank 1" in message and "fail_on_rank_one" in message
+    kinds = [kind for kind, _ in raised.value.outcomes]
+    assert kinds == ["killed", "error"]  # rank 0 was blocked in the barrier
+    assert pool.closed and _wait_gone(pids) == []
+    assert [r["rank"] for r in launch.run(2, rank_facts, 0.0)] == [0, 1]  # a fresh pool
+
+
+def test_timeout_kills_the_pool():
+    pool = launch.shared_pool(2)
+    pids = pool.pids
+    with pytest.raises(launch.RankTimeout, match="did not finish within 1 s"):
+        launch.run(2, sleep, 30, timeout=1)
+    assert _wait_gone(pids) == []
+
+
+_DRIVER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from autoep import launch
+    pool = launch.shared_pool(2)
+    print(" ".join(map(str, pool.pids)), flush=True)
+    launch.run(2, "test_launch:sleep", 60)
+""")
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_no_rank_outlives_its_parent(signal_number):
+    """Ctrl-C in the parent ends its ranks; so does the parent dying without any cleanup."""
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER.format(tests=os.path.dirname(__file__))],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    pids = [int(pid) for pid in driver.stdout.readline().split()]
+    assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+    time.sleep(0.5)  # the ranks are inside sleep(60)
+    driver.send_signal(signal_number)
+    driver.wait(timeout=30)
+    assert _wait_gone(pids) == []
+
+
+def test_group_layout_arithmetic():
+    assert layout((0, 1, 2, 3), 2) == ([(0, 1), (2, 3)], [(0, 2), (1, 3)])
+    assert layout((0, 1, 2, 3), 4) == ([(0, 1, 2, 3)], [(0,), (1,), (2,), (3,)])
+    assert layout((0, 1, 2, 3), 1) == ([(0,), (1,), (2,), (3,)], [(0, 1, 2, 3)])
+    assert layout((4, 5, 6, 7, 8, 9), 3) == ([(4, 5, 6), (7, 8, 9)], [(4, 7), (5, 8), (6, 9)])
+    assert valid_autoep_sizes(8, [8, 4]) == [1, 2, 4]
+    assert valid_autoep_sizes(None, [6]) == [1, 2, 3, 6]
+
+
+@pytest.mark.parametrize("size,world,counts,message", [
+    (3, 4, {"l0": 4}, r"autoep_size=3 does not divide the 4 experts of 'l0'; valid sizes for this model and "
+                      r"world size 4: \[1, 2, 4\]"),
+    (4, 2, {"l0": 4}, r"autoep_size=4 does not divide the data-parallel world size 2; valid sizes .*: \[1, 2\]"),
+    (4, 8, {"l0": 8, "l1": 6}, r"does not divide the 6 experts of 'l1'; .*: \[1, 2\]"),
+])
+def test_autoep_size_validation_lists_valid_sizes(size, world, counts, message):
+    with pytest.raises(AutoEPConfigError, match=message):
+        check_autoep_size(size, world, counts)
+
+
+def groups_on_rank(autoep_size: int) -> dict:
+    groups = build_groups(autoep_size)
+    again = build_groups(autoep_size)
+    # A collective over each group proves membership: sum of the members' global ranks.
+    sums = []
+    for group in (groups.ep_group, groups.edp_group):
+        value = torch.tensor([float(dist.get_rank())])
+        if group is not None:
+            dist.all_reduce(value, group=group)
+        sums.append(float(value))
+    return {"ep_rank": groups.ep_rank, "ep_ranks": groups.ep_ranks, "edp_ranks": groups.edp_ranks,
+            "sums": sums, "cached": again is groups}
+
+
+def test_groups_on_four_ranks():
+    result = launch.run(4, groups_on_rank, 2)
+    assert [r["ep_ranks"] for r in result] == [(0, 1), (0, 1), (2, 3), (2, 3)]
+    assert [r["edp_ranks"] for r in result] == [(0, 2), (1, 3), (0, 2), (1, 3)]
+    assert [r["ep_rank"] for r in result] == [0, 1, 0, 1]
+    assert [r["sums"] for r in result] == [[1.0, 2.0], [1.0, 4.0], [5.0, 2.0], [5.0, 4.0]]
+    assert all(r["cached"] for r in result)

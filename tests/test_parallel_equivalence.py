@@ -1,0 +1,106 @@
+"""Expert parallelism on real rank processes equals the single-process reference.
+
+World sizes 1, 2 and 4 with every autoep_size dividing them, every preset: each rank runs
+its own micro-batch of one global batch; logits (gathered), the global-batch loss, the aux
+loss (per micro-batch) and every gradient (reduced as an engine reduces them, see
+conformance/parallel.py) equal the reference, in float32 at the multi-process tolerance.
+"""
+
+import pytest
+import torch
+
+import autoep
+from autoep.versions import at_least
+from conformance.equivalence import model_equivalence
+from conformance.models import DEFAULT_CASES
+from conformance.parallel import subject_step_on_rank
+from conformance.subjects import SUBJECTS
+from conformance.tolerances import compare, tolerance
+from autoep import launch
+
+AUTOEP = SUBJECTS["autoep"]
+RUNNABLE = [case for case in DEFAULT_CASES if at_least(case.min_transformers)]
+TOPOLOGIES = [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4)]  # (world size, autoep_size)
+
+pytestmark = pytest.mark.xdist_group("ranks")  # one xdist worker owns the rank pools
+
+
+def _check(result):
+    assert result.ok, "\n".join(result.failures())
+    # bf16 is bounded against the oracle, with Transformers' own bf16 error as the baseline.
+    assert "subject~reference" in result.comparisons
+    assert "subject~original" in result.comparisons or result.dtype == "bfloat16"
+    compared = [c.what for c in result.comparisons["subject~reference"]]
+    assert sum(what.startswith("grad ") for what in compared) >= 20  # every parameter's gradient
+
+
+@pytest.mark.parametrize("world_size,autoep_size", TOPOLOGIES, ids=lambda v: str(v))
+@pytest.mark.parametrize("case", RUNNABLE, ids=lambda c: c.id)
+def test_parallel_model_equivalence_fp32(case, world_size, autoep_size):
+    _check(model_equivalence(case, AUTOEP, torch.float32, world_size=world_size, autoep_size=autoep_size))
+
+
+@pytest.mark.parametrize("case", [c for c in RUNNABLE if c.id in ("mixtral", "deepseek_v3")], ids=lambda c: c.id)
+def test_parallel_model_equivalence_bf16(case):
+    _check(model_equivalence(case, AUTOEP, torch.bfloat16, world_size=4, autoep_size=2))
+
+
+def _expert_grads(case, world_size, autoep_size, input_ids):
+    outputs = launch.run(world_size, subject_step_on_rank, case.id, "autoep", "float32", 0,
+                         {"autoep_size": autoep_size}, input_ids)
+    from conformance.parallel import reduce_like_an_engine
+
+    grads = reduce_like_an_engine(outputs)
+    expert_names = outputs[0]["expert_shards"].keys()
+    return {name: grads[name] for name in expert_names}
+
+
+@pytest.mark.parametrize("case", [c for c in RUNNABLE if c.id in ("mixtral", "qwen2_moe")], ids=lambda c: c.id)
+def test_expert_gradients_do_not_depend_on_autoep_size(case):
+    input_ids = torch.randint(0, 96, (4, 8), generator=torch.Generator().manual_seed(3))
+    by_size = {ep: _expert_grads(case, 4, ep, input_ids) for ep in (1, 2, 4)}
+    tol = tolerance(torch.float32, "multi")
+    assert by_size[1].keys() == by_size[2].keys() == by_size[4].keys() and by_size[1]
+    for ep in (2, 4):
+        for name, grad in by_size[ep].items():
+            assert grad.shape == by_size[1][name].shape
+            result = compare(f"{name} at autoep_size={ep} vs 1", grad, by_size[1][name], tol)
+            assert result.ok, str(result)
+            assert float(grad.abs().max()) > 0
+
+
+def apply_and_report_on_rank(case_id: str, block: dict) -> dict:
+    """Rank side of the rejection test: apply, and report the error and whether the model
+    (module types and every tensor) is unchanged."""
+    from conformance.models import CASES_BY_ID
+
+    model = CASES_BY_ID[case_id].build()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    types = [type(m) for m in model.modules()]
+    try:
+        autoep.apply(model, block)
+        error = None
+    except Exception as caught:
+        error = f"{type(caught).__name__}: {caught}"
+    after = model.state_dict()
+    unchanged = (types == [type(m) for m in model.modules()] and before.keys() == after.keys()
+                 and all(torch.equal(before[n], t) for n, t in after.items()))
+    return {"error": error, "unchanged": unchanged}
+
+
+def test_autoep_size_must_divide_world_size():
+    # mixtral has 4 experts: autoep_size=4 divides them but not a world of 2.
+    outcomes = launch.run(2, apply_and_report_on_rank, "mixtral", {"autoep_size": 4})
+    for outcome in outcomes:
+        assert outcome["unchanged"]
+        assert outcome["error"].startswith("AutoEPConfigError: expert_parallel.autoep_size=4 does not divide the "
+                                           "data-parallel world size 2; valid sizes for this model and world "
+                                           "size 2: [1, 2]")
+
+
+def test_autoep_size_above_one_needs_torch_distributed(mixtral):
+    before = {name: t.clone() for name, t in mixtral.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"autoep_size=2 needs torch.distributed to be initialized"):
+        autoep.apply(mixtral, {"autoep_size": 2})
+    assert not autoep.replaced_layers(mixtral)
+    assert all(torch.equal(before[n], t) for n, t in mixtral.state_dict().items())
