@@ -1,6 +1,10 @@
 """Token dispatch and combine: sort routed rows by expert, exchange them over the EP group,
 and the exact reverse. See DESIGN section 2.
 
+Profiler labels (``torch.profiler.record_function``, free when no profiler runs):
+``autoep.dispatch``, ``autoep.combine``, ``autoep.count_exchange`` and
+``autoep.all_to_all.{dispatch,combine}[.backward]``.
+
 One path for every ``autoep_size``::
 
     dispatch:  sort by expert          [T,H] -> rows_RH, tokens_per_expert_E  (stable)
@@ -89,13 +93,13 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, receive_splits, send_splits, group, label):
         ctx.splits, ctx.group, ctx.label = (receive_splits, send_splits), group, label
-        with record_function(f"autoep.{label}"):
+        with record_function(f"autoep.all_to_all.{label}"):
             return _all_to_all(rows, receive_splits, send_splits, group)
 
     @staticmethod
     def backward(ctx, grad):
         receive_splits, send_splits = ctx.splits
-        with record_function(f"autoep.{ctx.label}.backward"):
+        with record_function(f"autoep.all_to_all.{ctx.label}.backward"):
             return _all_to_all(grad, send_splits, receive_splits, ctx.group), None, None, None, None
 
 
@@ -112,6 +116,11 @@ def dispatch(hidden_TH: torch.Tensor, expert_ids_TK: torch.Tensor, num_experts: 
              groups: ExpertParallelGroups | None) -> tuple[torch.Tensor, DispatchState]:
     """Rows for this rank's local experts, expert-major (all rows of local expert 0 from every
     source rank, then local expert 1, ...), and the state to combine them back."""
+    with record_function("autoep.dispatch"):
+        return _dispatch(hidden_TH, expert_ids_TK, num_experts, groups)
+
+
+def _dispatch(hidden_TH, expert_ids_TK, num_experts, groups):
     rows_RH, local = sort_by_expert(hidden_TH, expert_ids_TK, num_experts)
     if groups is None or groups.ep_size == 1:
         return rows_RH, DispatchState(local, local.tokens_per_expert_E)
@@ -136,6 +145,11 @@ def dispatch(hidden_TH: torch.Tensor, expert_ids_TK: torch.Tensor, num_experts: 
 
 def combine(expert_rows: torch.Tensor, state: DispatchState) -> torch.Tensor:
     """The reverse of :func:`dispatch`: expert outputs back to their tokens, ``[T, K, H]``."""
+    with record_function("autoep.combine"):
+        return _combine(expert_rows, state)
+
+
+def _combine(expert_rows: torch.Tensor, state: DispatchState) -> torch.Tensor:
     if state.groups is None or state.groups.ep_size == 1:
         return unsort(expert_rows, state.local)
     rank_major = expert_rows.index_select(0, inverse_permutation(state.expert_major_order))
