@@ -131,21 +131,31 @@ def _run(model, input_ids, reference: bool = False, micro_batches: int = 1) -> R
     """Forward and backward of the data-parallel objective: the mean over ``micro_batches``
     equal slices of the batch of each slice's loss (for the cross-entropy this is the
     global-batch mean; the aux loss is a statistic of each micro-batch, as under any data-
-    parallel engine, so ``aux_loss`` holds one value per micro-batch)."""
-    model.zero_grad(set_to_none=True)
+    parallel engine, so ``aux_loss`` holds one value per micro-batch).
+
+    Gradients are taken per micro-batch and averaged in float32 (or wider), then cast to the
+    parameter dtype: the arithmetic of :func:`conformance.parallel.reduce_like_an_engine`,
+    so a bf16 single-process baseline rounds like the multi-process subject it bounds."""
+    named = list(model.model.named_parameters() if reference else model.named_parameters())
+    sums: dict[str, torch.Tensor] = {}
     logits, losses, auxes = [], [], []
     for micro_ids in input_ids.chunk(micro_batches):
+        model.zero_grad(set_to_none=True)
         if reference:
             micro_logits, loss, aux = model(input_ids=micro_ids, labels=micro_ids)
         else:
             out = model(input_ids=micro_ids, labels=micro_ids)
             micro_logits, loss, aux = out.logits, out.loss, getattr(out, "aux_loss", None)
-        (loss / micro_batches).backward()
+        loss.backward()
+        for name, param in named:
+            if param.grad is not None:
+                grad = param.grad.detach().to(torch.promote_types(param.grad.dtype, torch.float32))
+                sums[name] = grad.clone() if name not in sums else sums[name] + grad
         logits.append(micro_logits.detach())
         losses.append(loss.detach())
         auxes.append(None if aux is None else aux.detach().reshape(1))
-    params = model.model.named_parameters() if reference else model.named_parameters()
-    grads = {name: p.grad.detach().clone() for name, p in params if p.grad is not None}
+    dtypes = {name: param.dtype for name, param in named}
+    grads = {name: (total / micro_batches).to(dtypes[name]) for name, total in sums.items()}
     aux_loss = None if auxes[0] is None else torch.cat(auxes)
     return RunOutput(torch.cat(logits), torch.stack(losses).mean(), aux_loss, grads)
 
@@ -159,18 +169,26 @@ def _compare_runs(a: RunOutput, b: RunOutput, tol: Tolerance, with_aux: bool,
             return None
         return baseline.grads.get(name) if kind == "grad" else getattr(baseline, kind)
 
-    items = [compare("logits", a.logits, b.logits, tol, base("logits")),
-             compare("loss", a.loss, b.loss, tol, base("loss"))]
+    typical = None  # the baseline's median relative gradient error (see tolerances)
+    if baseline is not None and tol.baseline_factor is not None:
+        ratios = sorted(float((baseline.grads[n].double() - g.double()).norm() / g.double().norm())
+                        for n, g in b.grads.items() if n in baseline.grads and bool(g.any()))
+        typical = ratios[len(ratios) // 2] if ratios else None
+
+    def check(what, actual, expected, base_value):
+        return compare(what, actual, expected, tol, base_value, typical)
+
+    items = [check("logits", a.logits, b.logits, base("logits")), check("loss", a.loss, b.loss, base("loss"))]
     if with_aux:
         if a.aux_loss is None or b.aux_loss is None:
             items.append(Comparison("aux_loss (missing)", float("inf"), float("inf"), False))
         else:
-            items.append(compare("aux_loss", a.aux_loss, b.aux_loss, tol, base("aux_loss")))
+            items.append(check("aux_loss", a.aux_loss, b.aux_loss, base("aux_loss")))
     if a.grads.keys() != b.grads.keys():
         missing = sorted(a.grads.keys() ^ b.grads.keys())
         items.append(Comparison(f"gradient names differ: {missing[:4]}", float("inf"), float("inf"), False))
     for name in sorted(a.grads.keys() & b.grads.keys()):
-        items.append(compare(f"grad {name}", a.grads[name], b.grads[name], tol, base("grad", name)))
+        items.append(check(f"grad {name}", a.grads[name], b.grads[name], base("grad", name)))
     return items
 
 
