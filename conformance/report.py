@@ -16,13 +16,22 @@ def load(parts_dir: Path) -> list[dict]:
     return records
 
 
+def _cell_text(record: dict) -> str:
+    """The outcome, and for a pass the largest difference from the reference."""
+    text = SYMBOLS.get(record["status"], record["status"])
+    diff = record.get("max_abs_diff", {}).get("subject~reference")
+    return f"{text} {diff:.1e}" if record["status"] == "pass" and diff is not None else text
+
+
 def markdown(records: list[dict]) -> str:
     lines = ["# AutoEP conformance report", ""]
     counts: dict[str, int] = {}
     for record in records:
         counts[record["status"]] = counts.get(record["status"], 0) + 1
     lines.append("Totals: " + ", ".join(f"{SYMBOLS.get(k, k)}: {v}" for k, v in sorted(counts.items())))
-    lines.append("")
+    lines += ["", "A pass shows the largest absolute difference from the reference over logits, loss, aux "
+              "loss and every gradient (bf16 cells are bounded by relative L2 error; see "
+              "conformance/tolerances.py).", ""]
     by_version: dict[str, list[dict]] = {}
     for record in records:
         by_version.setdefault(record["transformers"], []).append(record)
@@ -32,7 +41,7 @@ def markdown(records: list[dict]) -> str:
         rows: dict[str, dict[str, str]] = {}
         for r in items:
             row = rows.setdefault(f"{r['subject']}: {r['case']} {r['dtype']}", {})
-            row[f"zero-{r['zero_stage']} w{r['world_size']} ep{r['autoep_size']}"] = SYMBOLS.get(r["status"], r["status"])
+            row[f"zero-{r['zero_stage']} w{r['world_size']} ep{r['autoep_size']}"] = _cell_text(r)
         lines += [f"## transformers {version}", "", "| cell | " + " | ".join(topologies) + " |",
                   "|---|" + "---|" * len(topologies)]
         for name, row in rows.items():
