@@ -28,9 +28,9 @@ def subject_step_on_rank(case_id: str, subject_name: str, dtype_name: str, seed:
     import torch.distributed as dist
 
     from conformance.equivalence import _run
-    from conformance.subjects import SUBJECTS
+    from conformance.subjects import subject_by_name
 
-    subject = SUBJECTS[subject_name]
+    subject = subject_by_name(subject_name)
     model = CASES_BY_ID[case_id].build(seed=seed, dtype=getattr(torch, dtype_name))
     model = subject.apply(model, block)
     micro_ids = input_ids.chunk(dist.get_world_size())[dist.get_rank()]
@@ -127,9 +127,9 @@ def block_step_on_rank(case_id: str, subject_name: str, block_name: str, dtype_n
     subject, on this rank's own tokens (any count, zero included) with the objective
     ``sum(output * upstream)``. Returns the output, the input gradient, the block's local
     parameter gradients (names relative to the block), its expert shards and the wire log."""
-    from conformance.subjects import SUBJECTS
+    from conformance.subjects import subject_by_name
 
-    subject = SUBJECTS[subject_name]
+    subject = subject_by_name(subject_name)
     model = CASES_BY_ID[case_id].build(seed=seed, dtype=getattr(torch, dtype_name))
     if router_weight is not None:
         set_router_weight(model, block_name, router_weight)

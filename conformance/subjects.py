@@ -50,3 +50,17 @@ class AutoEPSubject:
 
 
 SUBJECTS: dict[str, Subject] = {"autoep": AutoEPSubject()}
+
+
+def subject_by_name(name: str) -> Subject:
+    """A registered subject, or ``"module:attribute"`` naming a subject object (how a rank
+    process finds a subject defined outside this module, e.g. a deliberately broken one in a
+    test)."""
+    if name in SUBJECTS:
+        return SUBJECTS[name]
+    if ":" in name:
+        import importlib
+
+        module, _, attribute = name.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+    raise KeyError(f"unknown subject {name!r}; registered: {sorted(SUBJECTS)}")

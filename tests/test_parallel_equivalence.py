@@ -104,3 +104,36 @@ def test_autoep_size_above_one_needs_torch_distributed(mixtral):
         autoep.apply(mixtral, {"autoep_size": 2})
     assert not autoep.replaced_layers(mixtral)
     assert all(torch.equal(before[n], t) for n, t in mixtral.state_dict().items())
+
+
+class SwappedExpertsSubject:
+    """AutoEP with a deliberate bug: odd EP ranks hold their experts in reversed order (a
+    wrong slice). The multi-process suite must fail it."""
+
+    name = "test_parallel_equivalence:SWAPPED"
+
+    def unavailable_reason(self):
+        return None
+
+    def apply(self, model, block):
+        model = AUTOEP.apply(model, block)
+        for _, layer in autoep.replaced_layers(model):
+            if layer.ep_groups is not None and layer.ep_groups.ep_rank % 2 == 1:
+                with torch.no_grad():
+                    for param in layer.routed_experts().parameters():
+                        param.copy_(param.flip(0))
+        return model
+
+    def expert_shards(self, model):
+        return AUTOEP.expert_shards(model)
+
+
+SWAPPED = SwappedExpertsSubject()
+
+
+def test_suite_detects_a_wrong_expert_slice():
+    case = next(c for c in RUNNABLE if c.id == "mixtral")
+    result = model_equivalence(case, SWAPPED, torch.float32, world_size=2, autoep_size=2)
+    assert not result.ok
+    failed = {c.what for c in result.comparisons["subject~reference"] if not c.ok}
+    assert "logits" in failed and "grad model.layers.0.mlp.experts.gate_up_proj" in failed
