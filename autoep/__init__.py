@@ -3,11 +3,12 @@
 from autoep.api import apply, inspect, replaced_layers
 from autoep.config import AutoEPConfig, AutoEPConfigError
 from autoep.detect import DetectionError, MoELayerSpec
+from autoep.gradients import reduce_gradients
 from autoep.layer import AutoEPMoELayer
 from autoep.routing import RoutingSpec
 from autoep.versions import UnsupportedTransformersError
 
 __all__ = [
     "apply", "inspect", "replaced_layers", "AutoEPConfig", "AutoEPConfigError", "DetectionError",
-    "MoELayerSpec", "AutoEPMoELayer", "RoutingSpec", "UnsupportedTransformersError",
+    "MoELayerSpec", "AutoEPMoELayer", "RoutingSpec", "UnsupportedTransformersError", "reduce_gradients",
 ]

@@ -137,3 +137,34 @@ def test_suite_detects_a_wrong_expert_slice():
     assert not result.ok
     failed = {c.what for c in result.comparisons["subject~reference"] if not c.ok}
     assert "logits" in failed and "grad model.layers.0.mlp.experts.gate_up_proj" in failed
+
+
+def reduced_step_on_rank(case_id: str, autoep_size: int, input_ids) -> dict:
+    """Rank side: one micro-batch, then autoep.reduce_gradients; the reduced local gradients."""
+    import torch.distributed as dist
+
+    from conformance.models import CASES_BY_ID
+
+    model = autoep.apply(CASES_BY_ID[case_id].build(), {"autoep_size": autoep_size})
+    micro_ids = input_ids.chunk(dist.get_world_size())[dist.get_rank()]
+    model(input_ids=micro_ids, labels=micro_ids).loss.backward()
+    autoep.reduce_gradients(model)
+    return {"grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+            "expert_shards": AUTOEP.expert_shards(model)}
+
+
+@pytest.mark.parametrize("autoep_size", [1, 2, 4])
+def test_reduce_gradients_reduces_like_an_engine(autoep_size):
+    from conformance.parallel import reduce_like_an_engine
+
+    input_ids = torch.randint(0, 96, (4, 8), generator=torch.Generator().manual_seed(5))
+    expected = reduce_like_an_engine(launch.run(4, subject_step_on_rank, "qwen2_moe", "autoep", "float32", 0,
+                                                {"autoep_size": autoep_size}, input_ids))
+    tol = tolerance(torch.float32, "multi")
+    for rank, result in enumerate(launch.run(4, reduced_step_on_rank, "qwen2_moe", autoep_size, input_ids)):
+        assert result["grads"].keys() == expected.keys()
+        for name, grad in result["grads"].items():
+            first, _ = result["expert_shards"].get(name, (0, None))
+            want = expected[name][first:first + grad.shape[0]] if name in result["expert_shards"] else expected[name]
+            comparison = compare(f"rank {rank} {name}", grad, want, tol)
+            assert comparison.ok, str(comparison)
