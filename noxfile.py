@@ -2,6 +2,7 @@
 
     nox -s conformance   the default small matrix, one session per Transformers version
     nox -s tests         the unit tests (newest pinned Transformers)
+    nox -s bench         the MoE layer benchmark (`-- --quick` for a smoke run, `-- --out FILE`)
 """
 
 import nox
@@ -38,3 +39,11 @@ def tests(session):
     _install(session, NEWEST)
     session.install(TORCH, "pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100")
     session.run("python", "-m", "pytest", "-n", "2", "--dist", "loadgroup", *session.posargs)
+
+
+@nox.session(python="3.11")
+def bench(session):
+    """Benchmark one MoE layer: autoep vs the Transformers block vs a dense ceiling, and autoep_size=2."""
+    _install(session, NEWEST)
+    session.env["PYTHONPATH"] = "."
+    session.run("python", "-m", "benchmarks.moe_layer", *session.posargs)
