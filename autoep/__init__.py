@@ -3,6 +3,7 @@
 from autoep.api import apply, inspect, replaced_layers
 from autoep.config import AutoEPConfig, AutoEPConfigError
 from autoep.detect import DetectionError, MoELayerSpec
+from autoep.engine import initialize
 from autoep.gradients import reduce_gradients
 from autoep.layer import AutoEPMoELayer
 from autoep.routing import RoutingSpec
@@ -11,4 +12,5 @@ from autoep.versions import UnsupportedTransformersError
 __all__ = [
     "apply", "inspect", "replaced_layers", "AutoEPConfig", "AutoEPConfigError", "DetectionError",
     "MoELayerSpec", "AutoEPMoELayer", "RoutingSpec", "UnsupportedTransformersError", "reduce_gradients",
+    "initialize",
 ]

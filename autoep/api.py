@@ -9,7 +9,7 @@ from torch import nn
 
 from autoep.config import AutoEPConfig, as_config
 from autoep.detect import MoELayerSpec, detect
-from autoep.groups import build_groups
+from autoep.groups import ExpertParallelGroups, build_groups, check_autoep_size
 from autoep.layer import AutoEPMoELayer, build_layer
 
 logger = logging.getLogger("autoep")
@@ -31,7 +31,8 @@ def replaced_layers(model: nn.Module) -> list[tuple[str, AutoEPMoELayer]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, AutoEPMoELayer)]
 
 
-def apply(model: nn.Module, config: AutoEPConfig | Mapping[str, Any] | None = None, group=None) -> nn.Module:
+def apply(model: nn.Module, config: AutoEPConfig | Mapping[str, Any] | None = None, group=None,
+          groups: ExpertParallelGroups | None = None) -> nn.Module:
     """Replace every detected MoE block of ``model`` in place; returns ``model``.
 
     With ``autoep_size > 1`` this is collective: every rank of ``group`` (default: the
@@ -40,6 +41,7 @@ def apply(model: nn.Module, config: AutoEPConfig | Mapping[str, Any] | None = No
     of every layer, sliced from its own full copy (so every rank must hold the same weights,
     as after a common seed or a broadcast). Router, shared experts and everything else stay
     replicated. Everything is validated before the first module or process group is created.
+    ``groups``: EP/EDP groups built elsewhere (the DeepSpeed integration passes DeepSpeed's own).
     """
     config = _resolve(config)
     if not config.enabled:
@@ -49,8 +51,12 @@ def apply(model: nn.Module, config: AutoEPConfig | Mapping[str, Any] | None = No
         raise ValueError("autoep.apply: the model already holds AutoEPMoELayer modules (applied twice?)")
     specs = detect(model, config)
     expert_counts = {spec.name: spec.num_experts for spec in specs}
-    groups = None
-    if config.autoep_size > 1:
+    if groups is not None:
+        check_autoep_size(config.autoep_size, groups.world_size, expert_counts)
+        if groups.ep_size != config.autoep_size:
+            raise ValueError(f"the groups passed have ep_size={groups.ep_size}, but expert_parallel.autoep_size="
+                             f"{config.autoep_size}")
+    elif config.autoep_size > 1:
         groups = build_groups(config.autoep_size, group, expert_counts)  # validates sizes first
     for spec in specs:
         layer = build_layer(spec, use_grouped_mm=config.use_grouped_mm, groups=groups)

@@ -52,7 +52,7 @@ class ExpertParallelGroups:
     they would hold only this rank (no collective is needed)."""
 
     world_size: int
-    position: int                # this rank's index among the base group's ranks
+    rank: int                    # this process's global rank
     ep_size: int
     ep_ranks: tuple[int, ...]    # global ranks of this rank's EP group, in EP-rank order
     edp_ranks: tuple[int, ...]   # global ranks of this rank's EDP group
@@ -61,7 +61,16 @@ class ExpertParallelGroups:
 
     @property
     def ep_rank(self) -> int:
-        return self.position % self.ep_size
+        """This rank's index in its EP group: it holds experts [ep_rank*E/ep, (ep_rank+1)*E/ep)."""
+        return self.ep_ranks.index(self.rank)
+
+    @classmethod
+    def from_process_groups(cls, world_size: int, ep_group, edp_group) -> "ExpertParallelGroups":
+        """Wrap EP/EDP groups made elsewhere (DeepSpeed's), whatever their rank order."""
+        ep_ranks = tuple(dist.get_process_group_ranks(ep_group))
+        edp_ranks = tuple(dist.get_process_group_ranks(edp_group))
+        return cls(world_size, dist.get_rank(), len(ep_ranks), ep_ranks, edp_ranks,
+                   ep_group if len(ep_ranks) > 1 else None, edp_group if len(edp_ranks) > 1 else None)
 
     @property
     def edp_size(self) -> int:
@@ -119,7 +128,6 @@ def build_groups(autoep_size: int, base_group=None, expert_counts: dict[str, int
         group = dist.new_group(list(members)) if len(members) > 1 else None
         if me in members:
             edp_ranks, mine_edp = members, group
-    groups = ExpertParallelGroups(len(base_ranks), base_ranks.index(me), autoep_size, ep_ranks, edp_ranks,
-                                  mine_ep, mine_edp)
+    groups = ExpertParallelGroups(len(base_ranks), me, autoep_size, ep_ranks, edp_ranks, mine_ep, mine_edp)
     _CACHE[key] = groups
     return groups
