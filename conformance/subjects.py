@@ -26,6 +26,13 @@ class Subject(Protocol):
         """For each expert parameter of the parallel model: (first global expert held here,
         number of experts in the layer). Parameters not listed are replicated."""
 
+    def initialize(self, model: nn.Module, ds_config: dict, optimizer):
+        """The subject's DeepSpeed engine for ``model`` (collective; on every rank)."""
+
+    def full_parameters(self, engine) -> dict[str, "torch.Tensor"]:
+        """Every parameter of the engine's model as this rank holds it, unpartitioned by ZeRO
+        (expert tensors stay this rank's slice; see ``expert_shards``)."""
+
 
 class AutoEPSubject:
     name = "autoep"
@@ -38,6 +45,15 @@ class AutoEPSubject:
 
         return autoep.apply(model, {"enabled": True, **block})
 
+    def initialize(self, model: nn.Module, ds_config: dict, optimizer):
+        import autoep
+
+        engine, *_ = autoep.initialize(model=model, optimizer=optimizer, config=ds_config)
+        return engine
+
+    def full_parameters(self, engine) -> dict:
+        return gathered_parameters(engine)
+
     def expert_shards(self, model: nn.Module) -> dict[str, tuple[int, int]]:
         import autoep
 
@@ -47,6 +63,17 @@ class AutoEPSubject:
             for param_name, _ in layer.routed_experts().named_parameters():
                 shards[f"{experts_name}.{param_name}"] = (layer.local_expert_ids[0], layer.num_experts)
         return shards
+
+
+def gathered_parameters(engine) -> dict:
+    """Parameters in float32 as full tensors (ZeRO-3 partitions gathered over their group)."""
+    import deepspeed
+
+    params = dict(engine.module.named_parameters())
+    if engine.zero_optimization_partition_weights():
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            return {name: p.detach().float().clone() for name, p in params.items()}
+    return {name: p.detach().float().clone() for name, p in params.items()}
 
 
 SUBJECTS: dict[str, Subject] = {"autoep": AutoEPSubject()}

@@ -1,0 +1,161 @@
+"""Training-step equivalence under DeepSpeed: a few AdamW steps of the subject's engine on W
+rank processes equal a single-process PyTorch AdamW run of the original model on the same
+global batches (per-step loss and the final parameters, gathered to full tensors).
+
+Objective of both: each optimizer step, the mean over the W x GA micro-batches of the step
+of each micro-batch's loss (cross-entropy mean + the aux loss of that micro-batch). Rank r,
+accumulation step g takes micro-batch ``g * W + r`` of the step's global batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from autoep import launch
+from conformance.models import CASES_BY_ID, ModelCase
+
+# eps is of the order of the gradients. With the usual 1e-8, Adam's first update is
+# lr * sign(g) for every element: invariant to the gradient's scale (a mis-scaled expert
+# gradient, e.g. an EDP mean instead of sum / W, would go unseen) and ill-conditioned where g is
+# at rounding level (a sign flip moves the parameter by 2 lr). With eps ~ |g| the update
+# depends on the gradient's magnitude and amplifies gradient rounding by at most lr / eps.
+ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-3, weight_decay=0.01)
+# DeepSpeed clips the global gradient norm at 1.0 unless told otherwise (gradient_clipping's
+# default in 0.19.8); the reference does the same, so the global norm over sharded experts is checked.
+GRADIENT_CLIPPING = 1.0
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    zero_stage: int
+    autoep_size: int
+    steps: int = 3
+    grad_accum: int = 1
+    micro_batch: int = 1
+    seq_len: int = 8
+    client_optimizer: bool = True
+    zero3_low_persistence: bool = False  # stage3_param_persistence_threshold tiny: routers partitioned too
+
+
+def deepspeed_config(setup: TrainingSetup, dtype_name: str) -> dict:
+    config = {
+        "train_micro_batch_size_per_gpu": setup.micro_batch,
+        "gradient_accumulation_steps": setup.grad_accum,
+        "zero_optimization": {"stage": setup.zero_stage},
+        "gradient_clipping": GRADIENT_CLIPPING,
+        "expert_parallel": {"enabled": True, "autoep_size": setup.autoep_size},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if dtype_name == "bfloat16":
+        config["bf16"] = {"enabled": True}
+    if setup.zero3_low_persistence:
+        config["zero_optimization"].update(stage3_param_persistence_threshold=1, stage3_max_live_parameters=1e9)
+    if not setup.client_optimizer:
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": ADAMW["lr"], "betas": list(ADAMW["betas"]),
+                                                           "eps": ADAMW["eps"], "weight_decay": ADAMW["weight_decay"],
+                                                           "torch_adam": True}}
+    return config
+
+
+def global_batches(vocab: int, world_size: int, setup: TrainingSetup, seed: int = 123) -> torch.Tensor:
+    """[steps, W * GA * micro_batch, seq_len] token ids."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = world_size * setup.grad_accum * setup.micro_batch
+    return torch.randint(0, vocab, (setup.steps, rows, setup.seq_len), generator=generator)
+
+
+def micro_batch(batches: torch.Tensor, step: int, accum: int, rank: int, world: int, setup: TrainingSetup):
+    index = accum * world + rank
+    return batches[step, index * setup.micro_batch:(index + 1) * setup.micro_batch]
+
+
+def train_on_rank(case_id: str, subject_name: str, dtype_name: str, seed: int, setup: TrainingSetup,
+                  batches: torch.Tensor) -> dict:
+    """Rank side: the subject's engine trains ``setup.steps`` steps; returns this rank's
+    per-step losses and its parameters (full tensors, or local expert slices with shards)."""
+    import torch.distributed as dist
+
+    from conformance.subjects import subject_by_name
+
+    subject = subject_by_name(subject_name)
+    model = CASES_BY_ID[case_id].build(seed=seed, dtype=torch.float32).train()
+    optimizer = torch.optim.AdamW(model.parameters(), **ADAMW) if setup.client_optimizer else None
+    engine = subject.initialize(model, deepspeed_config(setup, dtype_name), optimizer)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    losses = []
+    for step in range(setup.steps):
+        step_losses = []
+        for accum in range(setup.grad_accum):
+            ids = micro_batch(batches, step, accum, rank, world, setup)
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+            step_losses.append(float(loss.detach()))
+        losses.append(sum(step_losses) / len(step_losses))
+    return {"losses": losses, "params": subject.full_parameters(engine),
+            "expert_shards": subject.expert_shards(engine.module)}
+
+
+def reference_training(case: ModelCase, dtype: torch.dtype, seed: int, setup: TrainingSetup, world_size: int,
+                       batches: torch.Tensor) -> dict:
+    """Single-process PyTorch AdamW on the original model, same micro-batches, same objective."""
+    model = case.build(seed=seed, dtype=dtype).train()
+    optimizer = torch.optim.AdamW(model.parameters(), **ADAMW)
+    count = world_size * setup.grad_accum
+    losses = []
+    for step in range(setup.steps):
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for accum in range(setup.grad_accum):
+            for rank in range(world_size):
+                ids = micro_batch(batches, step, accum, rank, world_size, setup)
+                loss = model(input_ids=ids, labels=ids).loss
+                (loss / count).backward()
+                total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRADIENT_CLIPPING)
+        optimizer.step()
+        losses.append(total / count)
+    return {"losses": torch.tensor(losses), "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+def assemble(rank_results: list[dict]) -> dict[str, torch.Tensor]:
+    """Full parameters from every rank's: replicated ones must agree across ranks; expert
+    slices are placed among all E experts (and must agree across their EDP group)."""
+    names = rank_results[0]["params"].keys()
+    full = {}
+    for name in names:
+        values = [result["params"][name] for result in rank_results]
+        shards = [result["expert_shards"].get(name) for result in rank_results]
+        if shards[0] is None:
+            for rank, value in enumerate(values[1:], 1):
+                if not torch.equal(value, values[0]):
+                    raise AssertionError(f"{name}: rank {rank} differs from rank 0 "
+                                         f"(max {float((value - values[0]).abs().max()):.3g}); replicas diverged")
+            full[name] = values[0]
+            continue
+        num_experts = shards[0][1]
+        tensor = torch.full((num_experts,) + tuple(values[0].shape[1:]), float("nan"), dtype=values[0].dtype)
+        for value, (first, _) in zip(values, shards):
+            placed = tensor[first:first + value.shape[0]]
+            if not bool(torch.isnan(placed).all()) and not torch.equal(placed, value):
+                raise AssertionError(f"{name}: EDP replicas of experts {first}.. differ")
+            tensor[first:first + value.shape[0]] = value
+        if bool(torch.isnan(tensor).any()):
+            raise AssertionError(f"{name}: some experts are held by no rank")
+        full[name] = tensor
+    return full
+
+
+def run_training(case: ModelCase, subject, dtype: torch.dtype, setup: TrainingSetup, world_size: int = 4,
+                 seed: int = 0) -> tuple[dict, dict]:
+    """(subject: losses [steps] averaged over ranks + assembled params, reference)."""
+    vocab = case.build(seed=seed).config.get_text_config().vocab_size
+    batches = global_batches(vocab, world_size, setup)
+    dtype_name = str(dtype).replace("torch.", "")
+    results = launch.run(world_size, train_on_rank, case.id, subject.name, dtype_name, seed, setup, batches)
+    losses = torch.tensor([result["losses"] for result in results]).mean(dim=0)
+    subject_run = {"losses": losses, "params": assemble(results)}
+    return subject_run, reference_training(case, torch.float32, seed, setup, world_size, batches)

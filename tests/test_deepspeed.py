@@ -1,0 +1,180 @@
+"""autoep.initialize under DeepSpeed ZeRO 0-3: training-step equivalence with a single-process
+PyTorch AdamW run of the original model, and every rejection (raised before anything changes)."""
+
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import autoep
+from autoep.config import AutoEPConfigError
+from autoep.versions import UnsupportedTransformersError
+from conformance.models import CASES_BY_ID, DEFAULT_CASES
+from conformance.subjects import SUBJECTS
+from conformance.tolerances import compare, tolerance
+from conformance.training import TrainingSetup, run_training
+from autoep import launch
+from autoep.versions import at_least
+
+pytestmark = pytest.mark.xdist_group("ranks")
+
+AUTOEP = SUBJECTS["autoep"]
+TOL = tolerance(torch.float32, "multi")
+
+
+def _check_training(case_id: str, setup: TrainingSetup):
+    subject, reference = run_training(CASES_BY_ID[case_id], AUTOEP, torch.float32, setup)
+    checks = [compare("per-step loss", subject["losses"], reference["losses"], TOL)]
+    assert subject["params"].keys() == reference["params"].keys()
+    checks += [compare(name, subject["params"][name], reference["params"][name], TOL) for name in reference["params"]]
+    failures = [str(check) for check in checks if not check.ok]
+    assert not failures, failures
+    # The run trained: every parameter that gets a gradient moved (AdamW with weight decay moves all).
+    initial = CASES_BY_ID[case_id].build().state_dict()
+    assert all(not torch.equal(subject["params"][name], initial[name]) for name in subject["params"])
+
+
+@pytest.mark.parametrize("autoep_size", [1, 2, 4])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_training_equivalence_mixtral(stage, autoep_size):
+    _check_training("mixtral", TrainingSetup(stage, autoep_size))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_training_equivalence_with_gradient_accumulation(stage):
+    _check_training("mixtral", TrainingSetup(stage, 2, grad_accum=2))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_training_equivalence_with_optimizer_from_config(stage):
+    _check_training("mixtral", TrainingSetup(stage, 2, client_optimizer=False))
+
+
+@pytest.mark.parametrize("case_id", ["mixtral", "deepseek_v3"])
+def test_zero3_routers_and_experts_above_persistence_threshold(case_id):
+    # stage3_param_persistence_threshold=1: routers and experts are partitioned and gathered.
+    _check_training(case_id, TrainingSetup(3, 2, zero3_low_persistence=True))
+
+
+OTHER_PRESETS = [c.id for c in DEFAULT_CASES if c.id != "mixtral" and at_least(c.min_transformers)]
+
+
+@pytest.mark.parametrize("case_id", OTHER_PRESETS)
+def test_training_equivalence_every_preset(case_id):
+    _check_training(case_id, TrainingSetup(2, 2))
+    _check_training(case_id, TrainingSetup(3, 4))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grad_accum", [1, 2])
+@pytest.mark.parametrize("autoep_size", [1, 2, 4])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("case_id", OTHER_PRESETS)
+def test_training_equivalence_full_grid(case_id, stage, autoep_size, grad_accum):
+    _check_training(case_id, TrainingSetup(stage, autoep_size, grad_accum=grad_accum))
+
+
+# ----------------------------------------------------------------------------- rejections
+
+BASE = {"train_micro_batch_size_per_gpu": 1, "expert_parallel": {"enabled": True, "autoep_size": 2}}
+
+
+def _with(**sections):
+    config = {**BASE, **{k: v for k, v in sections.items() if k != "expert_parallel"}}
+    if "expert_parallel" in sections:
+        config["expert_parallel"] = {**BASE["expert_parallel"], **sections["expert_parallel"]}
+    return config
+
+
+class TensorParallelMPU:
+    def get_model_parallel_world_size(self):
+        return 2
+
+
+REJECTIONS = {
+    "autotp": (_with(tensor_parallel={"autotp_size": 2}), None, r"tensor_parallel.autotp_size=2: .*AutoTP"),
+    "mpu": (_with(), TensorParallelMPU(), r"mpu \(tensor model parallel world size\)=2"),
+    "mics": (_with(zero_optimization={"stage": 3, "mics_shard_size": 2}), None,
+             r"zero_optimization.mics_shard_size=2: .*MiCS"),
+    "hpz": (_with(zero_optimization={"stage": 3, "zero_hpz_partition_size": 2}), None,
+            r"zero_optimization.zero_hpz_partition_size=2: .*hpZeRO"),
+    "sequence_parallel": (_with(zero_optimization={"stage": 3}, sequence_parallel_size=2), None,
+                          r"sequence_parallel_size=2: .*sequence parallelism"),
+    "quantized_gradients": (_with(zero_optimization={"stage": 3, "zero_quantized_gradients": True}), None,
+                            r"zero_optimization.zero_quantized_gradients=True: .*quantized gradients"),
+    "expert_tensor_parallel": (_with(expert_parallel={"expert_tensor_parallel_size": 2}), None,
+                               r"expert_tensor_parallel_size"),
+    "load_balance_coeff": (_with(expert_parallel={"load_balance_coeff": 0.001}), None, r"load_balance_coeff"),
+    "autoep_size_vs_experts": (_with(expert_parallel={"autoep_size": 3}), None,
+                               r"autoep_size=3 does not divide the 4 experts of 'model.layers.0.mlp'; valid sizes"),
+    "unknown_key": (_with(expert_parallel={"autoep_sise": 2}), None, r"autoep_sise.*Did you mean 'autoep_size'"),
+}
+
+
+def _snapshot(model):
+    return [type(m) for m in model.modules()], {n: t.clone() for n, t in model.state_dict().items()}
+
+
+def _unchanged(model, snapshot) -> bool:
+    types, state = snapshot
+    after = model.state_dict()
+    return types == [type(m) for m in model.modules()] and after.keys() == state.keys() and \
+        all(torch.equal(state[n], t) for n, t in after.items())
+
+
+@pytest.mark.parametrize("name", sorted(REJECTIONS))
+def test_rejection_before_anything_changes(name, mixtral):
+    config, mpu, message = REJECTIONS[name]
+    snapshot = _snapshot(mixtral)
+    with pytest.raises(ValueError, match=message):
+        autoep.initialize(model=mixtral, config=config, mpu=mpu)
+    assert _unchanged(mixtral, snapshot)
+    assert not dist.is_initialized()  # no process group was created
+
+
+def test_rejects_a_preset_the_installed_transformers_cannot_run(mixtral, monkeypatch):
+    import dataclasses
+
+    from autoep.presets import PRESETS
+
+    monkeypatch.setitem(PRESETS, "mixtral", dataclasses.replace(PRESETS["mixtral"], min_transformers="99.0.0"))
+    snapshot = _snapshot(mixtral)
+    with pytest.raises(UnsupportedTransformersError, match=r"preset 'mixtral' needs transformers>=99.0.0"):
+        autoep.initialize(model=mixtral, config=BASE)
+    assert _unchanged(mixtral, snapshot) and not dist.is_initialized()
+
+
+def initialize_and_report_on_rank(config: dict) -> dict:
+    """Rank side: autoep.initialize must fail; report the error, whether the model is unchanged
+    and whether any expert-parallel group was created."""
+    from deepspeed.utils import groups as ds_groups
+
+    model = CASES_BY_ID["mixtral"].build()
+    snapshot = _snapshot(model)
+    try:
+        autoep.initialize(model=model, config=config)
+        error = None
+    except Exception as caught:
+        error = f"{type(caught).__name__}: {caught}"
+    return {"error": error, "unchanged": _unchanged(model, snapshot),
+            "ep_groups": sorted(ds_groups._get_expert_parallel_group_dict())}
+
+
+def test_rejects_autoep_size_not_dividing_world_size():
+    # 4 experts: autoep_size=4 divides them, but not a world of 2.
+    for outcome in launch.run(2, initialize_and_report_on_rank, _with(expert_parallel={"autoep_size": 4})):
+        assert outcome["error"].startswith("AutoEPConfigError: expert_parallel.autoep_size=4 does not divide the "
+                                           "data-parallel world size 2")
+        assert outcome["unchanged"] and outcome["ep_groups"] == []
+
+
+def test_rejects_an_unknown_deepspeed_version(mixtral, monkeypatch):
+    import deepspeed
+
+    monkeypatch.setattr(deepspeed, "__version__", "0.20.0")
+    with pytest.raises(autoep.engine.DeepSpeedVersionError, match=r"verified with deepspeed 0.19.8; the installed "
+                                                                   r"version is 0.20.0"):
+        autoep.initialize(model=mixtral, config=BASE)
