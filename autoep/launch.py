@@ -48,7 +48,8 @@ FAILURE_GRACE_S = 5.0
 
 
 def backend_for(device: str) -> str:
-    """The collective backend for a device type: the only place this choice is made."""
+    """The collective backend for a device type: the only place this choice is made (with the
+    matching DeepSpeed accelerator, set in the rank processes' environment)."""
     if device == "cpu":
         return "gloo"
     if device == "cuda":
@@ -126,6 +127,7 @@ class RankPool:
                      "MASTER_ADDR": HOST, "MASTER_PORT": str(self._store.port),
                      "WORLD_SIZE": str(world_size), "AUTOEP_DEVICE": device, "AUTOEP_BACKEND": self.backend,
                      "AUTOEP_THREADS": str(threads_per_rank), "OMP_NUM_THREADS": str(threads_per_rank),
+                     "DS_ACCELERATOR": device,
                      "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self._ranks: list[_Rank] = []
         try:

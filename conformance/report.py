@@ -29,9 +29,10 @@ def markdown(records: list[dict]) -> str:
     for record in records:
         counts[record["status"]] = counts.get(record["status"], 0) + 1
     lines.append("Totals: " + ", ".join(f"{SYMBOLS.get(k, k)}: {v}" for k, v in sorted(counts.items())))
-    lines += ["", "A pass shows the largest absolute difference from the reference over logits, loss, aux "
-              "loss and every gradient (bf16 cells are bounded by relative L2 error; see "
-              "conformance/tolerances.py).", ""]
+    lines += ["", "A pass shows the largest absolute difference from the reference: over logits, loss, aux "
+              "loss and every gradient for zero-none cells (bf16 cells are bounded by relative L2 error; see "
+              "conformance/tolerances.py); over the per-step losses and every final parameter after 3 AdamW "
+              "steps for ZeRO cells.", ""]
     by_version: dict[str, list[dict]] = {}
     for record in records:
         by_version.setdefault(record["transformers"], []).append(record)

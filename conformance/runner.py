@@ -60,6 +60,8 @@ def _run_rejection(cell: Cell, subject, error_name: str) -> dict:
 def _run_equivalence(cell: Cell, subject) -> dict:
     case = CASES_BY_ID[cell.case]
     dtype = DTYPES[cell.dtype]
+    if cell.zero_stage != "none":
+        return _run_training(cell, subject)
     try:
         if cell.world_size == 1 and cell.autoep_size == 1:
             model_result = model_equivalence(case, subject, dtype)
@@ -82,6 +84,27 @@ def _run_equivalence(cell: Cell, subject) -> dict:
         "block_max_abs_diff": max((c.max_abs_diff for b in block_results for items in b.comparisons.values()
                                    for c in items), default=0.0),
     }
+
+
+def _run_training(cell: Cell, subject) -> dict:
+    """A ZeRO cell: 3 AdamW steps of the subject's DeepSpeed engine vs single-process PyTorch."""
+    from conformance.tolerances import compare, tolerance
+    from conformance.training import TrainingSetup, run_training
+
+    tol = tolerance(cell.dtype, "multi")
+    try:
+        got, want = run_training(CASES_BY_ID[cell.case], subject, DTYPES[cell.dtype],
+                                 TrainingSetup(int(cell.zero_stage), cell.autoep_size), cell.world_size)
+    except Exception:
+        return {"status": "fail", "detail": traceback.format_exc()[-1500:]}
+    checks = [compare("per-step loss", got["losses"], want["losses"], tol)]
+    checks += [compare(f"param {name}", got["params"].get(name, torch.empty(0)), value, tol)
+               for name, value in want["params"].items()]
+    failures = [str(check) for check in checks if not check.ok]
+    return {"status": "pass" if not failures else "fail", "detail": "; ".join(failures[:5]),
+            "tolerance": {"rtol": tol.rtol, "atol": tol.atol, "metric": tol.metric},
+            "max_abs_diff": {"subject~reference": max(check.max_abs_diff for check in checks)},
+            "losses": {"subject": got["losses"].tolist(), "reference": want["losses"].tolist()}}
 
 
 def run_matrix(transformers: str, subject_name: str = "autoep", case_filter: str | None = None) -> list[dict]:
