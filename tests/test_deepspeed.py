@@ -178,3 +178,17 @@ def test_rejects_an_unknown_deepspeed_version(mixtral, monkeypatch):
     with pytest.raises(autoep.engine.DeepSpeedVersionError, match=r"verified with deepspeed 0.19.8; the installed "
                                                                    r"version is 0.20.0"):
         autoep.initialize(model=mixtral, config=BASE)
+
+
+def test_example_trains_and_the_loss_falls():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "examples/train.py", "--steps", "4"], cwd=root, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = [float(value) for value in re.findall(r"^step \d+: loss ([0-9.]+)$", result.stdout, re.MULTILINE)]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.1, result.stdout
