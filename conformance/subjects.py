@@ -66,15 +66,51 @@ class AutoEPSubject:
 
 
 def gathered_parameters(engine) -> dict:
-    """Parameters in float32 as full tensors (ZeRO-3 partitions gathered over their group)."""
+    """Parameters in float32 as full tensors (ZeRO-3 partitions gathered over their group).
+    Under bf16 these are the optimizer's fp32 master weights, not the bf16 copies (whose
+    rounding, ~0.4% of a weight, would hide the updates being compared)."""
     import deepspeed
 
     params = dict(engine.module.named_parameters())
+    if engine.bfloat16_enabled():
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        masters = {}
+        for name, param in params.items():  # collective under ZeRO-3: every rank, same order
+            master = safe_get_full_fp32_param(param)
+            # ZeRO stage 0 keeps no master copy: the optimizer steps the bf16 weights themselves.
+            masters[name] = (param if master is None else master).detach().float().cpu().clone()
+        return masters
     if engine.zero_optimization_partition_weights():
         with deepspeed.zero.GatheredParameters(list(params.values())):
             return {name: p.detach().float().clone() for name, p in params.items()}
     return {name: p.detach().float().clone() for name, p in params.items()}
 
+
+class PlainDeepSpeedSubject:
+    """The original model under plain ``deepspeed.initialize`` (no expert parallelism): the
+    baseline that measures what DeepSpeed's own bf16 training departs from the fp32 reference."""
+
+    name = "conformance.subjects:PLAIN_DEEPSPEED"
+
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    def initialize(self, model: nn.Module, ds_config: dict, optimizer):
+        import deepspeed
+
+        config = {key: value for key, value in ds_config.items() if key != "expert_parallel"}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        return engine
+
+    def full_parameters(self, engine) -> dict:
+        return gathered_parameters(engine)
+
+    def expert_shards(self, model: nn.Module) -> dict:
+        return {}
+
+
+PLAIN_DEEPSPEED = PlainDeepSpeedSubject()
 
 SUBJECTS: dict[str, Subject] = {"autoep": AutoEPSubject()}
 

@@ -84,8 +84,6 @@ def expected(cell: Cell) -> Expectation:
     if version < Version(case.min_transformers):
         return Expectation("rejected", f"{case.preset} needs transformers>={case.min_transformers}",
                            "UnsupportedTransformersError")
-    if cell.zero_stage != "none" and cell.dtype != "float32":
-        return Expectation("not_implemented", "bf16 training-step equivalence under DeepSpeed (issue 4, open)")
     return Expectation("pass")
 
 

@@ -14,27 +14,20 @@ from autoep.config import AutoEPConfigError
 from autoep.versions import UnsupportedTransformersError
 from conformance.models import CASES_BY_ID, DEFAULT_CASES
 from conformance.subjects import SUBJECTS
-from conformance.tolerances import compare, tolerance
-from conformance.training import TrainingSetup, run_training
+from conformance.training import TrainingSetup, compare_training
 from autoep import launch
 from autoep.versions import at_least
 
 pytestmark = pytest.mark.xdist_group("ranks")
 
 AUTOEP = SUBJECTS["autoep"]
-TOL = tolerance(torch.float32, "multi")
 
 
-def _check_training(case_id: str, setup: TrainingSetup):
-    subject, reference = run_training(CASES_BY_ID[case_id], AUTOEP, torch.float32, setup)
-    checks = [compare("per-step loss", subject["losses"], reference["losses"], TOL)]
-    assert subject["params"].keys() == reference["params"].keys()
-    checks += [compare(name, subject["params"][name], reference["params"][name], TOL) for name in reference["params"]]
+def _check_training(case_id: str, setup: TrainingSetup, dtype=torch.float32):
+    checks = compare_training(CASES_BY_ID[case_id], AUTOEP, dtype, setup)
     failures = [str(check) for check in checks if not check.ok]
     assert not failures, failures
-    # The run trained: every parameter that gets a gradient moved (AdamW with weight decay moves all).
-    initial = CASES_BY_ID[case_id].build().state_dict()
-    assert all(not torch.equal(subject["params"][name], initial[name]) for name in subject["params"])
+    assert sum(c.what.startswith(("param ", "update ")) for c in checks) >= 20  # every parameter
 
 
 @pytest.mark.parametrize("autoep_size", [1, 2, 4])
@@ -51,6 +44,12 @@ def test_training_equivalence_with_gradient_accumulation(stage):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_training_equivalence_with_optimizer_from_config(stage):
     _check_training("mixtral", TrainingSetup(stage, 2, client_optimizer=False))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_training_equivalence_bf16(stage):
+    # Bounded by 2x plain DeepSpeed's own bf16 error on the original model (see compare_training).
+    _check_training("mixtral", TrainingSetup(stage, 2), torch.bfloat16)
 
 
 @pytest.mark.parametrize("case_id", ["mixtral", "deepseek_v3"])
