@@ -19,16 +19,22 @@ def load(parts_dir: Path) -> list[dict]:
 def _cell_text(record: dict) -> str:
     """The outcome, and for a pass the largest difference from the reference."""
     text = SYMBOLS.get(record["status"], record["status"])
+    if record["status"] == "fail" and record["subject"] != "autoep":
+        text = "fail (peer finding)"
     diff = record.get("max_abs_diff", {}).get("subject~reference")
     return f"{text} {diff:.1e}" if record["status"] == "pass" and diff is not None else text
 
 
 def markdown(records: list[dict]) -> str:
     lines = ["# AutoEP conformance report", ""]
-    counts: dict[str, int] = {}
+    counts: dict[str, dict[str, int]] = {}
     for record in records:
-        counts[record["status"]] = counts.get(record["status"], 0) + 1
-    lines.append("Totals: " + ", ".join(f"{SYMBOLS.get(k, k)}: {v}" for k, v in sorted(counts.items())))
+        by_status = counts.setdefault(record["subject"], {})
+        by_status[record["status"]] = by_status.get(record["status"], 0) + 1
+    for subject, by_status in counts.items():
+        role = "" if subject == "autoep" else " (a peer: its failures are findings)"
+        lines.append(f"Totals, subject {subject}{role}: "
+                     + ", ".join(f"{SYMBOLS.get(k, k)}: {v}" for k, v in sorted(by_status.items())) + "  ")
     lines += ["", "A pass shows the largest absolute difference from the reference: over logits, loss, aux "
               "loss and every gradient for zero-none cells (bf16 cells are bounded by relative L2 error; see "
               "conformance/tolerances.py); over the per-step losses and every final parameter after 3 AdamW "
@@ -55,7 +61,10 @@ def markdown(records: list[dict]) -> str:
                 for text in r.get("findings", []):
                     lines.append(f"- {r['cell']}: finding: {text[:300]}")
                 if r["status"] == "fail":
-                    lines.append(f"- {r['cell']}: FAIL: {r.get('detail', '')[:300]}")
+                    detail = r.get("detail", "")
+                    # A traceback's last lines say what went wrong; a comparison list its first.
+                    detail = detail[-300:] if "Traceback" in detail else detail[:300]
+                    lines.append(f"- {r['subject']} {r['cell']}: FAIL: {detail}".replace("\n", " | "))
             lines.append("")
     return "\n".join(lines)
 

@@ -23,10 +23,13 @@ def run_cell(cell: Cell, subject_name: str = "autoep") -> dict:
     started = time.perf_counter()
     if expectation.outcome in ("not_applicable", "not_implemented"):
         record["status"] = expectation.outcome
-    elif (why := subject.unavailable_reason()) is not None:
+    elif (why := subject.unavailable_reason(cell)) is not None:
         record.update(status="skipped", reason=why)
     elif expectation.outcome == "rejected":
-        record.update(_run_rejection(cell, subject, expectation.error))
+        if not hasattr(subject, "apply"):
+            record.update(status="skipped", reason=f"the {subject_name} subject has no in-process apply()")
+        else:
+            record.update(_run_rejection(cell, subject, expectation.error))
     else:
         record.update(_run_equivalence(cell, subject))
     record["seconds"] = round(time.perf_counter() - started, 3)

@@ -15,8 +15,8 @@ from torch import nn
 class Subject(Protocol):
     name: str
 
-    def unavailable_reason(self) -> str | None:
-        """None when the subject can run here, else why not."""
+    def unavailable_reason(self, cell=None) -> str | None:
+        """None when the subject can run here (and this matrix cell), else why not."""
 
     def apply(self, model: nn.Module, block: dict) -> nn.Module:
         """Return the subject's replacement of ``model`` for the ``expert_parallel`` block
@@ -37,7 +37,7 @@ class Subject(Protocol):
 class AutoEPSubject:
     name = "autoep"
 
-    def unavailable_reason(self) -> str | None:
+    def unavailable_reason(self, cell=None) -> str | None:
         return None
 
     def apply(self, model: nn.Module, block: dict) -> nn.Module:
@@ -93,7 +93,7 @@ class PlainDeepSpeedSubject:
 
     name = "conformance.subjects:PLAIN_DEEPSPEED"
 
-    def unavailable_reason(self) -> str | None:
+    def unavailable_reason(self, cell=None) -> str | None:
         return None
 
     def initialize(self, model: nn.Module, ds_config: dict, optimizer):
@@ -112,7 +112,78 @@ class PlainDeepSpeedSubject:
 
 PLAIN_DEEPSPEED = PlainDeepSpeedSubject()
 
-SUBJECTS: dict[str, Subject] = {"autoep": AutoEPSubject()}
+
+class DeepSpeedBuiltinSubject:
+    """DeepSpeed's own AutoEP, driven through ``deepspeed.initialize`` with the same
+    ``"expert_parallel"`` block: a peer whose results are findings, not our exit status.
+
+    Its layer renames parameters (``router.gate.weight``; experts split into ``w1`` gate,
+    ``w3`` up, ``w2`` down; ``shared_experts``, ``shared_experts_gate``); they are mapped back
+    to the Transformers names (gate and up stacked into ``gate_up_proj``) for comparison."""
+
+    name = "deepspeed"
+
+    def unavailable_reason(self, cell=None) -> str | None:
+        try:
+            from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer  # noqa: F401
+        except ImportError:
+            return "the installed DeepSpeed has no built-in AutoEP"
+        if cell is not None and cell.zero_stage == "none":
+            return "DeepSpeed's AutoEP runs only inside deepspeed.initialize: ZeRO cells only"
+        if cell is not None and cell.dtype != "float32":
+            return "the deepspeed subject runs the float32 cells"
+        return None
+
+    def initialize(self, model: nn.Module, ds_config: dict, optimizer):
+        import deepspeed
+
+        import autoep
+
+        # Where the blocks and their submodules are, for the name mapping (kept on the model).
+        model.conformance_specs = autoep.inspect(model)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        return engine
+
+    @staticmethod
+    def _layers(model: nn.Module):
+        from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+
+        return [(name, module) for name, module in model.named_modules() if isinstance(module, AutoEPMoELayer)]
+
+    def full_parameters(self, engine) -> dict:
+        import torch
+
+        params = gathered_parameters(engine)
+        renamed = {}
+        for spec in engine.module.conformance_specs:
+            prefix = spec.name + "."
+            local = {name[len(prefix):]: params.pop(name) for name in list(params) if name.startswith(prefix)}
+            experts = f"{prefix}{spec.experts_attr}."
+            renamed[f"{prefix}{spec.router_attr}.weight"] = local.pop("router.gate.weight")
+            local.pop("router.e_score_correction_bias", None)  # a buffer in Transformers
+            renamed[experts + spec.gate_up_name] = torch.cat([local.pop("experts.w1"), local.pop("experts.w3")], 1)
+            renamed[experts + spec.down_name] = local.pop("experts.w2")
+            for name, value in local.items():
+                name = name.replace("shared_experts_gate.", f"{spec.shared_gate_attr}.", 1) \
+                    if name.startswith("shared_experts_gate.") else name
+                name = name.replace("shared_experts.", f"{spec.shared_attr}.", 1) \
+                    if name.startswith("shared_experts.") else name
+                renamed[prefix + name] = value
+        renamed.update(params)
+        return renamed
+
+    def expert_shards(self, model: nn.Module) -> dict:
+        shards = {}
+        for name, layer in self._layers(model):
+            spec = next((s for s in getattr(model, "conformance_specs", []) if s.name == name), None)
+            first = layer.ep_rank * layer.num_local_experts
+            gate_up, down = (spec.gate_up_name, spec.down_name) if spec else ("gate_up_proj", "down_proj")
+            experts = spec.experts_attr if spec else "experts"
+            for param in (gate_up, down):
+                shards[f"{name}.{experts}.{param}"] = (first, layer.num_experts)
+        return shards
+
+SUBJECTS: dict[str, Subject] = {"autoep": AutoEPSubject(), "deepspeed": DeepSpeedBuiltinSubject()}
 
 
 def subject_by_name(name: str) -> Subject:

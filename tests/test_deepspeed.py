@@ -191,3 +191,12 @@ def test_example_trains_and_the_loss_falls():
     assert result.returncode == 0, result.stderr[-2000:]
     losses = [float(value) for value in re.findall(r"^step \d+: loss ([0-9.]+)$", result.stdout, re.MULTILINE)]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.1, result.stdout
+
+
+def test_deepspeed_subject_adapter_maps_the_peer_back_to_transformers_names():
+    """The peer subject (DeepSpeed's built-in AutoEP) on a cell where it trains right (DeepSeek-V3,
+    ZeRO-3, autoep_size 2): its renamed, re-stacked parameters match the reference, so the
+    adapter's mapping is right and the peer's failures elsewhere are the peer's."""
+    checks = compare_training(CASES_BY_ID["deepseek_v3"], SUBJECTS["deepspeed"], torch.float32, TrainingSetup(3, 2))
+    assert all(check.ok for check in checks), [str(c) for c in checks if not c.ok]
+    assert any(c.what.endswith("experts.gate_up_proj") for c in checks)
