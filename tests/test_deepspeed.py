@@ -52,6 +52,13 @@ def test_training_equivalence_bf16(stage):
     _check_training("mixtral", TrainingSetup(stage, 2), torch.bfloat16)
 
 
+@pytest.mark.xfail(strict=True, reason="open defect: bf16 ZeRO-2 with expert parallelism on qwen3_moe updates "
+                                      "~4x less accurately than plain DeepSpeed (8-11% vs 2-3% relative update "
+                                      "error; exact in fp32 and at autoep_size 1)")
+def test_training_equivalence_bf16_qwen3_zero2_expert_parallel():
+    _check_training("qwen3_moe", TrainingSetup(2, 2), torch.bfloat16)
+
+
 @pytest.mark.parametrize("case_id", ["mixtral", "deepseek_v3"])
 def test_zero3_routers_and_experts_above_persistence_threshold(case_id):
     # stage3_param_persistence_threshold=1: routers and experts are partitioned and gathered.
