@@ -117,7 +117,8 @@ def reference_training(case: ModelCase, dtype: torch.dtype, seed: int, setup: Tr
                 loss = model(input_ids=ids, labels=ids).loss
                 (loss / count).backward()
                 total += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRADIENT_CLIPPING)
+        if GRADIENT_CLIPPING > 0:  # DeepSpeed's convention: 0 means no clipping
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRADIENT_CLIPPING)
         optimizer.step()
         losses.append(total / count)
     return {"losses": torch.tensor(losses), "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
