@@ -12,9 +12,11 @@ rank::
 - The rendezvous is a ``TCPStore`` held by this (parent) process and bound to port 0, so
   the OS picks a free port and no two pools can collide.
 - A rank that raises sends back its traceback; the call raises :class:`RankError` with
-  every rank's outcome. A call that runs past its timeout raises :class:`RankTimeout`.
-  Either way (and on Ctrl-C) the pool's processes are killed, since ranks left inside a
-  collective cannot be reused; :func:`shared_pool` then starts a fresh pool on next use.
+  every rank's outcome. When every rank came back (each raised or returned), the pool stays
+  usable; when a rank had to be killed (still running after another failed), or the call
+  ran past its timeout (:class:`RankTimeout`), or on Ctrl-C, the pool's processes are
+  killed, since ranks left inside a collective cannot be reused; :func:`shared_pool` then
+  starts a fresh pool on next use.
 - Rank processes exit when this process exits or dies (a watchdog thread polls the parent
   pid), so no process is ever left behind.
 - Pools are reused: :func:`shared_pool` keeps one pool per (world size, device) for the
@@ -193,8 +195,14 @@ class RankPool:
             for rank, (args, kwargs) in zip(self._ranks, calls):
                 send(rank.connection, (name, args, kwargs))
             return self._collect(name, timeout)
+        except RankError as error:
+            # Every rank came back (raised or returned): the pool is reusable. A rank that had
+            # to be killed may have left the others mid-collective: start afresh.
+            if any(kind == "killed" for kind, _ in error.outcomes):
+                self.close(kill=True)
+            raise
         except BaseException:
-            self.close(kill=True)  # ranks may be inside a collective: not reusable
+            self.close(kill=True)  # timeout or Ctrl-C: ranks may be inside a collective
             raise
 
     def _collect(self, name: str, timeout: float) -> list[Any]:

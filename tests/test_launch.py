@@ -91,6 +91,19 @@ def test_rank_failure_returns_traceback_and_replaces_the_pool():
     assert [r["rank"] for r in launch.run(2, rank_facts, 0.0)] == [0, 1]  # a fresh pool
 
 
+def fail_everywhere() -> None:
+    raise RuntimeError(f"deliberate failure on rank {dist.get_rank()}")
+
+
+def test_a_failure_on_every_rank_keeps_the_pool():
+    pids = launch.shared_pool(2).pids
+    with pytest.raises(launch.RankError) as raised:
+        launch.run(2, fail_everywhere)
+    assert [kind for kind, _ in raised.value.outcomes] == ["error", "error"]
+    assert launch.shared_pool(2).pids == pids  # every rank came back: nothing to kill
+    assert [r["rank"] for r in launch.run(2, rank_facts, 0.0)] == [0, 1]
+
+
 def test_timeout_kills_the_pool():
     pool = launch.shared_pool(2)
     pids = pool.pids
