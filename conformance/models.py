@@ -137,3 +137,21 @@ VARIANT_CASES = [
 
 ALL_CASES = DEFAULT_CASES + VARIANT_CASES
 CASES_BY_ID = {case.id: case for case in ALL_CASES}
+
+
+@dataclass
+class ModelSnapshot:
+    """A model's module types and every state tensor, to prove that a rejected call left the
+    model exactly as it was."""
+
+    module_types: list
+    state: dict
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "ModelSnapshot":
+        return cls([type(m) for m in model.modules()], {n: t.detach().clone() for n, t in model.state_dict().items()})
+
+    def unchanged(self, model: torch.nn.Module) -> bool:
+        after = model.state_dict()
+        return ([type(m) for m in model.modules()] == self.module_types and after.keys() == self.state.keys()
+                and all(torch.equal(self.state[n], t) for n, t in after.items()))

@@ -8,7 +8,7 @@ import traceback
 import torch
 
 from conformance.equivalence import block_equivalence, model_equivalence
-from conformance.models import CASES_BY_ID
+from conformance.models import CASES_BY_ID, ModelSnapshot
 from conformance.subjects import SUBJECTS
 from matrix.cells import Cell, default_matrix, expected
 
@@ -43,18 +43,13 @@ def _run_rejection(cell: Cell, subject, error_name: str) -> dict:
     except Exception as error:  # the family does not exist in this Transformers at all
         return {"status": "rejected_as_expected",
                 "detail": f"model class unavailable: {type(error).__name__}: {error}"[:400]}
-    before_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
-    before_types = [type(module) for module in model.modules()]
+    snapshot = ModelSnapshot.of(model)
     try:
         subject.apply(model, {"autoep_size": cell.autoep_size})
     except Exception as error:
         if type(error).__name__ != error_name:
             return {"status": "fail", "detail": f"{type(error).__name__}: {error}"[:400] + f" (expected {error_name})"}
-        after_state = model.state_dict()
-        unchanged = ([type(module) for module in model.modules()] == before_types
-                     and after_state.keys() == before_state.keys()
-                     and all(torch.equal(before_state[n], t) for n, t in after_state.items()))
-        if not unchanged:
+        if not snapshot.unchanged(model):
             return {"status": "fail", "detail": f"{error_name} was raised, but only after the model was changed"}
         return {"status": "rejected_as_expected", "detail": f"{type(error).__name__}: {error}"[:400]}
     return {"status": "fail", "detail": f"expected {error_name}, but the subject accepted the model"}

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import autoep
 from autoep.config import AutoEPConfigError
 from autoep.versions import UnsupportedTransformersError
-from conformance.models import CASES_BY_ID, DEFAULT_CASES
+from conformance.models import CASES_BY_ID, DEFAULT_CASES, ModelSnapshot
 from conformance.subjects import SUBJECTS
 from conformance.training import TrainingSetup, compare_training
 from autoep import launch
@@ -122,24 +122,13 @@ REJECTIONS = {
 }
 
 
-def _snapshot(model):
-    return [type(m) for m in model.modules()], {n: t.clone() for n, t in model.state_dict().items()}
-
-
-def _unchanged(model, snapshot) -> bool:
-    types, state = snapshot
-    after = model.state_dict()
-    return types == [type(m) for m in model.modules()] and after.keys() == state.keys() and \
-        all(torch.equal(state[n], t) for n, t in after.items())
-
-
 @pytest.mark.parametrize("name", sorted(REJECTIONS))
 def test_rejection_before_anything_changes(name, mixtral):
     config, mpu, message = REJECTIONS[name]
-    snapshot = _snapshot(mixtral)
+    snapshot = ModelSnapshot.of(mixtral)
     with pytest.raises(ValueError, match=message):
         autoep.initialize(model=mixtral, config=config, mpu=mpu)
-    assert _unchanged(mixtral, snapshot)
+    assert snapshot.unchanged(mixtral)
     assert not dist.is_initialized()  # no process group was created
 
 
@@ -149,10 +138,10 @@ def test_rejects_a_preset_the_installed_transformers_cannot_run(mixtral, monkeyp
     from autoep.presets import PRESETS
 
     monkeypatch.setitem(PRESETS, "mixtral", dataclasses.replace(PRESETS["mixtral"], min_transformers="99.0.0"))
-    snapshot = _snapshot(mixtral)
+    snapshot = ModelSnapshot.of(mixtral)
     with pytest.raises(UnsupportedTransformersError, match=r"preset 'mixtral' needs transformers>=99.0.0"):
         autoep.initialize(model=mixtral, config=BASE)
-    assert _unchanged(mixtral, snapshot) and not dist.is_initialized()
+    assert snapshot.unchanged(mixtral) and not dist.is_initialized()
 
 
 def initialize_and_report_on_rank(config: dict) -> dict:
@@ -161,13 +150,13 @@ def initialize_and_report_on_rank(config: dict) -> dict:
     from deepspeed.utils import groups as ds_groups
 
     model = CASES_BY_ID["mixtral"].build()
-    snapshot = _snapshot(model)
+    snapshot = ModelSnapshot.of(model)
     try:
         autoep.initialize(model=model, config=config)
         error = None
     except Exception as caught:
         error = f"{type(caught).__name__}: {caught}"
-    return {"error": error, "unchanged": _unchanged(model, snapshot),
+    return {"error": error, "unchanged": snapshot.unchanged(model),
             "ep_groups": sorted(ds_groups._get_expert_parallel_group_dict())}
 
 

@@ -72,20 +72,16 @@ def test_expert_gradients_do_not_depend_on_autoep_size(case):
 def apply_and_report_on_rank(case_id: str, block: dict) -> dict:
     """Rank side of the rejection test: apply, and report the error and whether the model
     (module types and every tensor) is unchanged."""
-    from conformance.models import CASES_BY_ID
+    from conformance.models import CASES_BY_ID, ModelSnapshot
 
     model = CASES_BY_ID[case_id].build()
-    before = {name: t.clone() for name, t in model.state_dict().items()}
-    types = [type(m) for m in model.modules()]
+    snapshot = ModelSnapshot.of(model)
     try:
         autoep.apply(model, block)
         error = None
     except Exception as caught:
         error = f"{type(caught).__name__}: {caught}"
-    after = model.state_dict()
-    unchanged = (types == [type(m) for m in model.modules()] and before.keys() == after.keys()
-                 and all(torch.equal(before[n], t) for n, t in after.items()))
-    return {"error": error, "unchanged": unchanged}
+    return {"error": error, "unchanged": snapshot.unchanged(model)}
 
 
 def test_autoep_size_must_divide_world_size():
@@ -99,11 +95,12 @@ def test_autoep_size_must_divide_world_size():
 
 
 def test_autoep_size_above_one_needs_torch_distributed(mixtral):
-    before = {name: t.clone() for name, t in mixtral.state_dict().items()}
+    from conformance.models import ModelSnapshot
+
+    snapshot = ModelSnapshot.of(mixtral)
     with pytest.raises(RuntimeError, match=r"autoep_size=2 needs torch.distributed to be initialized"):
         autoep.apply(mixtral, {"autoep_size": 2})
-    assert not autoep.replaced_layers(mixtral)
-    assert all(torch.equal(before[n], t) for n, t in mixtral.state_dict().items())
+    assert snapshot.unchanged(mixtral)
 
 
 class SwappedExpertsSubject:
