@@ -150,10 +150,9 @@ def _deepspeed_groups(autoep_size: int, use_data_before_expert_parallel: bool) -
         ds_groups._get_expert_data_parallel_group(name))
 
 
-def _tag_expert_parameters(model: nn.Module, group_name: str, stage: int) -> list[nn.Parameter]:
+def _tag_expert_parameters(model: nn.Module, group_name: str, stage: int) -> None:
     from deepspeed.utils import groups as ds_groups
 
-    tagged = []
     for _, layer in replaced_layers(model):
         for param in layer.routed_experts().parameters():
             param.allreduce = False  # deepspeed.moe.utils.is_moe_param
@@ -162,8 +161,6 @@ def _tag_expert_parameters(model: nn.Module, group_name: str, stage: int) -> lis
                 param.ds_zero_placement_family = "autoep_expert"
                 param.ds_zero_partition_group_name = group_name
                 param.ds_zero_partition_process_group = ds_groups._get_expert_data_parallel_group(group_name)
-            tagged.append(param)
-    return tagged
 
 
 def _remap(params_or_groups, replaced: dict[int, nn.Parameter]):

@@ -72,10 +72,6 @@ class ExpertParallelGroups:
         return cls(world_size, dist.get_rank(), len(ep_ranks), ep_ranks, edp_ranks,
                    ep_group if len(ep_ranks) > 1 else None, edp_group if len(edp_ranks) > 1 else None)
 
-    @property
-    def edp_size(self) -> int:
-        return self.world_size // self.ep_size
-
     def __deepcopy__(self, memo) -> "ExpertParallelGroups":
         return self  # process groups are handles to shared communicators, never copied
 

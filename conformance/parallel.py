@@ -75,8 +75,8 @@ def reduce_like_an_engine(rank_outputs: list[dict]) -> dict[str, torch.Tensor]:
     world = len(rank_outputs)
     sums = gradient_sums([output["run"].grads for output in rank_outputs],
                          [output["expert_shards"] for output in rank_outputs])
-    dtype = rank_outputs[0]["run"].logits.dtype
-    return {name: (total / world).to(dtype) for name, total in sums.items()}
+    dtypes = {name: grad.dtype for name, grad in rank_outputs[0]["run"].grads.items()}  # the parameters' dtypes
+    return {name: (total / world).to(dtypes[name]) for name, total in sums.items()}
 
 
 def run_subject_on_ranks(case: ModelCase, subject, dtype: torch.dtype, seed: int, block: dict,
