@@ -9,6 +9,7 @@ accumulation step g takes micro-batch ``g * W + r`` of the step's global batch.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -191,10 +192,8 @@ def compare_training(case: ModelCase, subject, dtype: torch.dtype, setup: Traini
         return [compare("per-step loss", got["losses"], want["losses"], tol)] + \
             [compare(f"param {name}", got["params"][name], value, tol) for name, value in want["params"].items()]
     tol = tolerance(dtype, "multi")
-    baseline, _ = run_training(case, PLAIN_DEEPSPEED, dtype,
-                               TrainingSetup(setup.zero_stage, 1, setup.steps, setup.grad_accum, setup.micro_batch,
-                                             setup.seq_len, setup.client_optimizer, setup.zero3_low_persistence),
-                               world_size, seed)
+    baseline, _ = run_training(case, PLAIN_DEEPSPEED, dtype, dataclasses.replace(setup, autoep_size=1), world_size,
+                               seed)
     initial = initial_parameters(case, dtype, seed)
     updates = {name: value - initial[name] for name, value in want["params"].items()}
     base_updates = {name: baseline["params"][name] - initial[name] for name in updates}
