@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import traceback
 
@@ -85,12 +86,15 @@ def _run_equivalence(cell: Cell, subject) -> dict:
 
 
 def _run_training(cell: Cell, subject) -> dict:
-    """A ZeRO cell: 3 AdamW steps of the subject's DeepSpeed engine vs single-process PyTorch."""
-    from conformance.training import TrainingSetup, compare_training
+    """A ZeRO cell: AdamW steps of the subject's DeepSpeed engine vs single-process PyTorch
+    (3 steps in float32, BF16_STEPS in bf16)."""
+    from conformance.training import BF16_STEPS, TrainingSetup, compare_training
 
+    setup = TrainingSetup(int(cell.zero_stage), cell.autoep_size)
+    if cell.dtype != "float32":
+        setup = dataclasses.replace(setup, steps=BF16_STEPS)
     try:
-        checks = compare_training(CASES_BY_ID[cell.case], subject, DTYPES[cell.dtype],
-                                  TrainingSetup(int(cell.zero_stage), cell.autoep_size), cell.world_size)
+        checks = compare_training(CASES_BY_ID[cell.case], subject, DTYPES[cell.dtype], setup, cell.world_size)
     except Exception:
         return {"status": "fail", "detail": traceback.format_exc()[-1500:]}
     failures = [str(check) for check in checks if not check.ok]

@@ -47,13 +47,6 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     # ~h^2 |f'''| ~ 1e-12, cancellation error ~ 1e-16 |f| / h ~ 1e-10 |f|; the bound leaves 10x.
     ("float64", "finite_difference"): Tolerance(1e-6, 1e-9, "float64 central differences, h=1e-6: "
                                                 "truncation ~h^2, cancellation ~1e-16|f|/h", scale_atol=True),
-    # bf16 has unit roundoff u = 2^-8 = 3.9e-3, and the spacing of neighbouring values is up to
-    # 2^-7 = 7.8e-3 of their size. Transformers rounds each expert's weighted output to bf16 and
-    # sums the k slots in bf16; AutoEP and the reference sum in float32 and round once. So single
-    # elements legitimately differ by whole ulps (1-2 ulps = 0.8-1.6% of a value, and far more
-    # relative to a value near zero): an elementwise bound would measure rounding luck. The
-    # aggregate error is bounded instead: relative L2 error <= 1e-2, i.e. a few u of RMS error
-    # over a 2-layer model, while one routing mistake (an O(1) change in one token) exceeds it.
     # bf16 (unit roundoff u = 2^-8 = 3.9e-3): single elements legitimately differ by whole ulps
     # (Transformers rounds each expert's weighted output to bf16 and sums the k slots in bf16;
     # AutoEP sums in float32 and rounds once), so the error is measured as a relative L2 norm

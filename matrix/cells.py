@@ -84,11 +84,6 @@ def expected(cell: Cell) -> Expectation:
     if version < Version(case.min_transformers):
         return Expectation("rejected", f"{case.preset} needs transformers>={case.min_transformers}",
                            "UnsupportedTransformersError")
-    if cell.zero_stage != "none" and cell.dtype != "float32":
-        return Expectation("not_implemented", "bf16 under DeepSpeed: open defect, qwen3_moe at ZeRO-2 with "
-                                              "autoep_size 2 updates 4x less accurately than plain DeepSpeed "
-                                              "(gradient clipping norm suspected; tests/test_deepspeed.py, "
-                                              "xfail); bf16 is proven for mixtral only")
     return Expectation("pass")
 
 
