@@ -43,6 +43,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from autoep import checkpoint
 from autoep.api import apply, inspect, replaced_layers
 from autoep.config import AutoEPConfig, AutoEPConfigError
 from autoep.groups import ExpertParallelGroups, check_autoep_size
@@ -210,6 +211,91 @@ def _engine_class():
             its own experts) is not the norm of the full gradient: measured 2e-5..6e-5 parameter
             error after 3 AdamW steps at autoep_size 2..4. ZeRO-1/2/3 compute the norm right."""
             clip_by_global_norm(self.module, self.gradient_clipping())
+
+        # Checkpoints: DeepSpeed's files plus AutoEP's own (autoep.checkpoint), because under
+        # ZeRO 0-2 DeepSpeed's model file keeps only EP rank 0's experts.
+        def _autoep_topology(self):
+            import torch.distributed as dist
+
+            layers = replaced_layers(self.module)
+            groups = layers[0][1].ep_groups if layers else None
+            dtype = torch.bfloat16 if self.bfloat16_enabled() else torch.float16 if self.fp16_enabled() else \
+                torch.float32
+            return checkpoint.model_topology(self.module, dist.get_world_size(), groups.ep_size if groups else 1,
+                                             self.zero_optimization_stage(), dtype)
+
+        def _autoep_ep_rank(self) -> tuple[int, bool]:
+            """(this rank's EP rank, whether it writes its EP rank's expert file)."""
+            import torch.distributed as dist
+
+            layers = replaced_layers(self.module)
+            groups = layers[0][1].ep_groups if layers else None
+            if groups is None:
+                return 0, dist.get_rank() == 0
+            return groups.ep_rank, groups.edp_ranks.index(groups.rank) == 0
+
+        def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest=True,
+                            exclude_frozen_parameters=False):
+            import torch.distributed as dist
+
+            if not replaced_layers(self.module):
+                return super().save_checkpoint(save_dir, tag, client_state, save_latest, exclude_frozen_parameters)
+            tag = str(tag if tag is not None else f"global_step{self.global_steps}")  # DeepSpeed's default
+            folder = os.path.join(save_dir, tag)
+            os.makedirs(folder, exist_ok=True)
+            # AutoEP's files first: DeepSpeed writes `latest` last, so it never names a tag
+            # folder without them.
+            ep_rank, writer = self._autoep_ep_rank()
+            if writer and self.zero_optimization_stage() < 3:
+                checkpoint.write_experts(folder, ep_rank, self.module)
+            if dist.get_rank() == 0:
+                checkpoint.write_topology(folder, self._autoep_topology())
+            dist.barrier()
+            return super().save_checkpoint(save_dir, tag, client_state, save_latest, exclude_frozen_parameters)
+
+        def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
+                            load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
+            arguments = dict(load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
+                             load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
+                             custom_load_fn=custom_load_fn)
+            if not replaced_layers(self.module) or self.load_universal_checkpoint():
+                return super().load_checkpoint(load_dir, tag, **arguments)
+            if tag is None:
+                latest = os.path.join(load_dir, "latest")
+                if not os.path.isfile(latest):
+                    return super().load_checkpoint(load_dir, tag, **arguments)  # DeepSpeed warns, loads nothing
+                with open(latest) as handle:
+                    tag = handle.read().strip()
+            folder = os.path.join(load_dir, str(tag))
+            # Everything AutoEP needs is read and checked before DeepSpeed loads anything, and
+            # every rank learns whether any rank failed (so none goes on into a collective alone).
+            import torch.distributed as dist
+
+            error, saved_experts = None, None
+            try:
+                checkpoint.check_same_topology(folder, self._autoep_topology())
+                if self.zero_optimization_stage() < 3:
+                    saved_experts = checkpoint.read_experts(folder, self._autoep_ep_rank()[0], self.module)
+            except checkpoint.AutoEPCheckpointError as caught:
+                error = caught
+            failed = torch.tensor([0 if error is None else 1], device=self.device)
+            dist.all_reduce(failed)
+            if error is not None:
+                raise error
+            if int(failed.item()):
+                raise checkpoint.AutoEPCheckpointError(
+                    f"{int(failed.item())} rank(s) could not read their part of {folder} (see their errors); "
+                    "nothing was loaded")
+            result = super().load_checkpoint(load_dir, tag, **arguments)
+            if result[0] is not None and saved_experts is not None:
+                checkpoint.restore_experts(saved_experts, self.module)
+                if load_module_only or not load_optimizer_states:
+                    # The fp32 master weights were refreshed from the live weights that DeepSpeed
+                    # loaded (EP rank 0's experts on every rank): refresh them again.
+                    refresh = getattr(self.optimizer, "refresh_fp32_params", None)
+                    if refresh is not None:
+                        refresh()
+            return result
 
         def _validate_zero3_moe_compatibility(self):
             native = [name for name, module in self.module.named_modules() if isinstance(module, MoE)]

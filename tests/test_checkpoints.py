@@ -1,0 +1,105 @@
+"""Checkpoints of engines from autoep.initialize: same-topology round trips are exact on every
+rank (every EP rank's experts included), and a checkpoint that cannot be loaded here fails
+before anything is loaded, naming the file or the topologies."""
+
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import pytest
+
+from autoep import launch
+from autoep.checkpoint import AutoEPCheckpointError, expert_file
+from conformance.checkpoints import LOAD_MODES, _engine, _train, differences, engine_view, round_trip_on_rank
+from conformance.training import TrainingSetup, global_batches, process_globals_restored
+
+pytestmark = pytest.mark.xdist_group("ranks")
+
+VOCAB = 96  # conformance.models.COMMON
+
+
+@pytest.mark.parametrize("mode", list(LOAD_MODES))
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_same_topology_round_trip_is_exact(stage, mode, tmp_path):
+    # World 4, autoep_size 2: ranks 1 and 3 hold experts that DeepSpeed's own model file lacks.
+    setup = TrainingSetup(stage, 2, steps=3)
+    found = launch.run(4, round_trip_on_rank, "mixtral", setup, "float32", str(tmp_path), mode,
+                       global_batches(VOCAB, 4, setup))
+    assert found == [[]] * 4, found
+    assert os.path.isfile(tmp_path / "saved" / "autoep_topology.json")
+
+
+def save_on_rank(setup: TrainingSetup, folder: str) -> None:
+    with process_globals_restored():
+        engine = _engine("mixtral", setup, "float32", seed=0)
+        _train(engine, global_batches(VOCAB, 4, setup), range(1), setup)
+        engine.save_checkpoint(folder, tag="saved")
+
+
+def failed_load_on_rank(setup: TrainingSetup, folder: str) -> tuple[str, list[str]]:
+    """(the error, what the failed load changed in this rank's engine)."""
+    with process_globals_restored():
+        engine = _engine("mixtral", setup, "float32", seed=1)
+        before = engine_view(engine)
+        try:
+            engine.load_checkpoint(folder, tag="saved")
+        except AutoEPCheckpointError as error:
+            return str(error), differences(engine_view(engine), before, ["live", "optimizer"])
+        return "loaded", []
+
+
+@pytest.fixture(scope="module")
+def saved_w4_ep2(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("w4-ep2")
+    launch.run(4, save_on_rank, TrainingSetup(2, 2), str(folder))
+    return folder
+
+
+def _copy(folder, tmp_path):
+    import shutil
+
+    target = tmp_path / "copy"
+    shutil.copytree(folder, target)
+    return target
+
+
+def test_load_on_another_autoep_size_fails_naming_both_topologies(saved_w4_ep2):
+    outcomes = launch.run(4, failed_load_on_rank, TrainingSetup(2, 4), str(saved_w4_ep2))
+    for message, changed in outcomes:
+        assert "autoep_size 2" in message and "autoep_size 4" in message, message
+        assert "autoep to-universal" in message
+        assert changed == []
+
+
+def test_load_on_another_world_size_fails_naming_both_topologies(saved_w4_ep2):
+    outcomes = launch.run(2, failed_load_on_rank, TrainingSetup(2, 2), str(saved_w4_ep2))
+    for message, changed in outcomes:
+        assert "world size 4" in message and "world size 2" in message, message
+        assert changed == []
+
+
+def test_a_missing_expert_shard_fails_on_every_rank_naming_the_file(saved_w4_ep2, tmp_path):
+    folder = _copy(saved_w4_ep2, tmp_path)
+    os.remove(folder / "saved" / expert_file(1))
+    outcomes = launch.run(4, failed_load_on_rank, TrainingSetup(2, 2), str(folder))
+    messages = [message for message, _ in outcomes]
+    assert all(expert_file(1) in messages[rank] for rank in (1, 3)), messages  # EP rank 1
+    assert all("could not read their part" in messages[rank] for rank in (0, 2)), messages
+    assert all(changed == [] for _, changed in outcomes)
+
+
+def test_a_truncated_expert_shard_fails_naming_the_file(saved_w4_ep2, tmp_path):
+    folder = _copy(saved_w4_ep2, tmp_path)
+    path = folder / "saved" / expert_file(0)
+    path.write_bytes(path.read_bytes()[:100])
+    outcomes = launch.run(4, failed_load_on_rank, TrainingSetup(2, 2), str(folder))
+    for rank in (0, 2):
+        assert expert_file(0) in outcomes[rank][0] and "truncated" in outcomes[rank][0], outcomes[rank][0]
+    assert all(changed == [] for _, changed in outcomes)
+
+
+def test_a_checkpoint_without_autoep_topology_is_refused(saved_w4_ep2, tmp_path):
+    folder = _copy(saved_w4_ep2, tmp_path)
+    os.remove(folder / "saved" / "autoep_topology.json")
+    for message, changed in launch.run(4, failed_load_on_rank, TrainingSetup(2, 2), str(folder)):
+        assert "autoep_topology.json is missing" in message and changed == []
