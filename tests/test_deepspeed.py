@@ -159,9 +159,11 @@ def test_rejects_a_preset_the_installed_transformers_cannot_run(mixtral, monkeyp
 
 def initialize_and_report_on_rank(config: dict) -> dict:
     """Rank side: autoep.initialize must fail; report the error, whether the model is unchanged
-    and whether any expert-parallel group was created."""
+    and which expert-parallel groups the call created (the shared rank processes may hold
+    groups from earlier runs)."""
     from deepspeed.utils import groups as ds_groups
 
+    existing = set(ds_groups._get_expert_parallel_group_dict())
     model = CASES_BY_ID["mixtral"].build()
     snapshot = ModelSnapshot.of(model)
     try:
@@ -170,7 +172,7 @@ def initialize_and_report_on_rank(config: dict) -> dict:
     except Exception as caught:
         error = f"{type(caught).__name__}: {caught}"
     return {"error": error, "unchanged": snapshot.unchanged(model),
-            "ep_groups": sorted(ds_groups._get_expert_parallel_group_dict())}
+            "ep_groups": sorted(set(ds_groups._get_expert_parallel_group_dict()) - existing)}
 
 
 def test_rejects_autoep_size_not_dividing_world_size():
