@@ -46,6 +46,8 @@ class Topology:
     zero_stage: int
     dtype: str
     layers: dict[str, dict]  # layer name -> {"preset", "num_experts"}
+    experts: dict[str, int]  # expert parameter name -> number of experts (dim 0 of the full tensor)
+    rank_layout: list[list[int]]  # per global rank: [EP rank, EDP rank]
     format_version: int = FORMAT_VERSION
 
     def describe(self) -> str:
@@ -57,15 +59,20 @@ class Topology:
 
     def mismatch(self, other: "Topology") -> list[str]:
         """The fields a regular (non-Universal) load needs equal, and how they differ."""
-        fields = ("world_size", "autoep_size", "zero_stage", "layers")
+        fields = ("world_size", "autoep_size", "zero_stage", "layers", "rank_layout")
         return [f"{field}: {getattr(self, field)!r} vs {getattr(other, field)!r}" for field in fields
                 if getattr(self, field) != getattr(other, field)]
 
 
-def model_topology(model: nn.Module, world_size: int, autoep_size: int, zero_stage: int, dtype: torch.dtype) -> Topology:
+def model_topology(model: nn.Module, world_size: int, autoep_size: int, zero_stage: int, dtype: torch.dtype,
+                   rank_layout: list[list[int]]) -> Topology:
     layers = {name: {"preset": layer.spec.preset, "num_experts": layer.num_experts}
               for name, layer in replaced_layers(model)}
-    return Topology(world_size, autoep_size, zero_stage, str(dtype).replace("torch.", ""), layers)
+    experts = {name: next(layer.num_experts for layer_name, layer in replaced_layers(model)
+                          if name.startswith(layer_name + "."))
+               for name, _ in _live_expert_parameters(model)}
+    return Topology(world_size, autoep_size, zero_stage, str(dtype).replace("torch.", ""), layers, experts,
+                    [list(entry) for entry in rank_layout])
 
 
 def _atomic_write(path: str, write) -> None:
@@ -114,6 +121,18 @@ def check_same_topology(folder: str, current: Topology) -> Topology:
             f"size or autoep_size, convert it with `autoep to-universal --input_folder {folder} "
             "--output_folder <new tag folder>` and load that with \"checkpoint\": {\"load_universal\": true}")
     return saved
+
+
+def check_same_model(folder: str, current: Topology) -> None:
+    """For a Universal load: world size and autoep_size may change; the MoE layers, their
+    presets and expert counts may not."""
+    if not os.path.isfile(os.path.join(folder, TOPOLOGY_FILE)):
+        return  # a Universal Checkpoint not written by autoep.to_universal: DeepSpeed checks shapes
+    saved = read_topology(folder)
+    if saved.layers != current.layers or saved.experts != current.experts:
+        raise AutoEPCheckpointError(
+            f"checkpoint {folder} holds a model with {saved.describe()}; this job's model has {current.describe()}: "
+            "a checkpoint of another model, preset or expert count cannot be loaded")
 
 
 def local_expert_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -62,6 +62,15 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_to_universal(args) -> int:
+    from autoep.universal import to_universal
+
+    to_universal(args.input_folder, args.output_folder)
+    print(f"wrote Universal Checkpoint {args.output_folder}; load it with \"checkpoint\": "
+          "{\"load_universal\": true} (load_dir = its parent, tag = its name)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="autoep", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,10 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--ep-config", help="a DeepSpeed config (or bare expert_parallel block) JSON file")
     inspect.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     inspect.set_defaults(func=cmd_inspect)
+    universal = commands.add_parser("to-universal", help="convert an AutoEP ZeRO 1/2/3 checkpoint tag folder into a "
+                                    "Universal Checkpoint tag folder (another world size / autoep_size)")
+    universal.add_argument("--input_folder", required=True, help="a checkpoint tag folder, e.g. ckpt/global_step100")
+    universal.add_argument("--output_folder", required=True, help="the Universal tag folder to create (must not exist)")
+    universal.set_defaults(func=cmd_to_universal)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError) as error:
+    except (ValueError, RuntimeError, OSError) as error:
         print(f"autoep {args.command}: error: {error}", file=sys.stderr)
         return 2
 

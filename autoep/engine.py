@@ -41,6 +41,7 @@ import os
 from typing import Any, Mapping
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from autoep import checkpoint
@@ -139,7 +140,6 @@ def validate_deepspeed_config(ds_config: Mapping, mpu=None) -> None:
 
 def _deepspeed_groups(autoep_size: int, use_data_before_expert_parallel: bool) -> tuple[str, ExpertParallelGroups]:
     """DeepSpeed's EP/EDP groups for ``autoep_size`` (created once), wrapped for our layer."""
-    import torch.distributed as dist
     from deepspeed.utils import groups as ds_groups
 
     name = f"ep_size_{autoep_size}"
@@ -215,29 +215,30 @@ def _engine_class():
         # Checkpoints: DeepSpeed's files plus AutoEP's own (autoep.checkpoint), because under
         # ZeRO 0-2 DeepSpeed's model file keeps only EP rank 0's experts.
         def _autoep_topology(self):
-            import torch.distributed as dist
-
             layers = replaced_layers(self.module)
             groups = layers[0][1].ep_groups if layers else None
             dtype = torch.bfloat16 if self.bfloat16_enabled() else torch.float16 if self.fp16_enabled() else \
                 torch.float32
+            layout = [None] * dist.get_world_size()
+            dist.all_gather_object(layout, self._autoep_ep_layout())
             return checkpoint.model_topology(self.module, dist.get_world_size(), groups.ep_size if groups else 1,
-                                             self.zero_optimization_stage(), dtype)
+                                             self.zero_optimization_stage(), dtype, layout)
 
-        def _autoep_ep_rank(self) -> tuple[int, bool]:
-            """(this rank's EP rank, whether it writes its EP rank's expert file)."""
-            import torch.distributed as dist
-
+        def _autoep_ep_layout(self) -> tuple[int, int]:
+            """(EP rank, EDP rank) of this rank."""
             layers = replaced_layers(self.module)
             groups = layers[0][1].ep_groups if layers else None
             if groups is None:
-                return 0, dist.get_rank() == 0
-            return groups.ep_rank, groups.edp_ranks.index(groups.rank) == 0
+                return 0, dist.get_rank()
+            return groups.ep_rank, groups.edp_ranks.index(groups.rank)
+
+        def _autoep_ep_rank(self) -> tuple[int, bool]:
+            """(this rank's EP rank, whether it writes its EP rank's expert file)."""
+            ep_rank, edp_rank = self._autoep_ep_layout()
+            return ep_rank, edp_rank == 0
 
         def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest=True,
                             exclude_frozen_parameters=False):
-            import torch.distributed as dist
-
             if not replaced_layers(self.module):
                 return super().save_checkpoint(save_dir, tag, client_state, save_latest, exclude_frozen_parameters)
             tag = str(tag if tag is not None else f"global_step{self.global_steps}")  # DeepSpeed's default
@@ -248,8 +249,9 @@ def _engine_class():
             ep_rank, writer = self._autoep_ep_rank()
             if writer and self.zero_optimization_stage() < 3:
                 checkpoint.write_experts(folder, ep_rank, self.module)
+            topology = self._autoep_topology()  # collective
             if dist.get_rank() == 0:
-                checkpoint.write_topology(folder, self._autoep_topology())
+                checkpoint.write_topology(folder, topology)
             dist.barrier()
             return super().save_checkpoint(save_dir, tag, client_state, save_latest, exclude_frozen_parameters)
 
@@ -258,8 +260,10 @@ def _engine_class():
             arguments = dict(load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
                              load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
                              custom_load_fn=custom_load_fn)
-            if not replaced_layers(self.module) or self.load_universal_checkpoint():
+            if not replaced_layers(self.module):
                 return super().load_checkpoint(load_dir, tag, **arguments)
+            if self.load_universal_checkpoint():
+                return self._autoep_load_universal(load_dir, tag, arguments)
             if tag is None:
                 latest = os.path.join(load_dir, "latest")
                 if not os.path.isfile(latest):
@@ -269,11 +273,10 @@ def _engine_class():
             folder = os.path.join(load_dir, str(tag))
             # Everything AutoEP needs is read and checked before DeepSpeed loads anything, and
             # every rank learns whether any rank failed (so none goes on into a collective alone).
-            import torch.distributed as dist
-
+            current = self._autoep_topology()  # collective
             error, saved_experts = None, None
             try:
-                checkpoint.check_same_topology(folder, self._autoep_topology())
+                checkpoint.check_same_topology(folder, current)
                 if self.zero_optimization_stage() < 3:
                     saved_experts = checkpoint.read_experts(folder, self._autoep_ep_rank()[0], self.module)
             except checkpoint.AutoEPCheckpointError as caught:
@@ -297,6 +300,35 @@ def _engine_class():
                         refresh()
             return result
 
+        def _autoep_load_universal(self, load_dir, tag, arguments):
+            """DeepSpeed's Universal load, with what it needs for AutoEP layers around it."""
+            if tag is not None:  # (with tag=None DeepSpeed reads latest_universal itself)
+                checkpoint.check_same_model(os.path.join(load_dir, str(tag)), self._autoep_topology())
+            experts = [param for _, layer in replaced_layers(self.module) for param in layer.routed_experts().parameters()]
+            untagged = [param for param in experts if not hasattr(param, "ds_zero_partition_group_name")]
+            if self.zero_optimization_stage() == 3 and untagged:
+                # ZeRO-3 slices a Universal expert tensor by the parameter's EP group name; at
+                # autoep_size 1 our experts have none: name DeepSpeed's size-1 EP groups (experts
+                # stay partitioned over all ranks, as the size-1 EDP group is).
+                name, _ = _deepspeed_groups(1, False)
+                for param in untagged:
+                    param.ds_zero_partition_group_name = name
+            try:
+                result = super().load_checkpoint(load_dir, tag, **arguments)
+            finally:
+                for param in untagged:
+                    if hasattr(param, "ds_zero_partition_group_name"):
+                        del param.ds_zero_partition_group_name
+            if self.zero_optimization_stage() == 3:
+                # DeepSpeed 0.19.8's ZeRO-3 Universal load puts one step tensor object into the state
+                # of every sub-group; torch's Adam increments it in place, so with two sub-groups
+                # (dense, experts) it advanced twice per step (measured: step off by 1 after one
+                # step, expert updates off by 9e-5). Give each its own.
+                for state in self.optimizer.optimizer.state.values():
+                    if torch.is_tensor(state.get("step")):
+                        state["step"] = state["step"].clone()
+            return result
+
         def _validate_zero3_moe_compatibility(self):
             native = [name for name, module in self.module.named_modules() if isinstance(module, MoE)]
             if native:
@@ -312,8 +344,6 @@ def clip_by_global_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Scale every gradient by min(1, max_norm / (norm + 1e-6)) where norm is the L2 norm of
     the whole model's gradient: replicated gradients counted once, each expert once (the
     squares of local expert gradients summed over the EP group). Returns the norm."""
-    import torch.distributed as dist
-
     from autoep.gradients import expert_parameters
 
     experts = expert_parameters(model)

@@ -8,6 +8,8 @@ checked where they live.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from conformance.models import CASES_BY_ID
@@ -32,7 +34,12 @@ def engine_view(engine) -> dict[str, dict[str, torch.Tensor]]:
         with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
             view["live"][name] = param.detach().to("cpu", copy=True)
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
-    for index, group in enumerate(base.param_groups):
+    # ZeRO-3 puts its flat fp32 partitions into the torch optimizer's groups only during a step.
+    flat3 = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    groups = [{"params": [flat]} for flat in flat3] if flat3 is not None else base.param_groups
+    if not any(group["params"] for group in groups):
+        raise AssertionError("the engine's optimizer holds no parameters: nothing to compare")
+    for index, group in enumerate(groups):
         for position, param in enumerate(group["params"]):
             key = f"group{index}[{position}]"
             view["optimizer"][f"{key}.master"] = param.detach().to("cpu", copy=True)
@@ -104,3 +111,43 @@ def round_trip_on_rank(case_id: str, setup: TrainingSetup, dtype_name: str, fold
             got = {key: loaded["optimizer"][key] for key in masters if key in loaded["optimizer"]}
             found += [f"after load: {d}" for d in differences({"master": got}, {"master": masters}, ["master"])]
         return found
+
+
+def resume_elsewhere(case_id: str, zero_stage: int, source: tuple[int, int], target: tuple[int, int], folder: str,
+                     steps_before: int = 2, steps_after: int = 2) -> list:
+    """Train ``steps_before`` steps at ``source`` (world, autoep_size), save, convert to a
+    Universal Checkpoint, resume at ``target`` for ``steps_after`` steps. The per-step losses
+    and the final parameters must equal a single-process AdamW run of the original model on
+    the same global batches (4 micro-batches per step at both ends: world x gradient
+    accumulation = 4, so the objective is the same)."""
+    import os
+
+    from autoep import launch
+    from autoep.universal import to_universal
+    from conformance.subjects import SUBJECTS
+    from conformance.tolerances import compare, tolerance
+    from conformance.training import assemble, global_batches, reference_training, train_on_rank
+
+    micro_batches = 4
+    total = steps_before + steps_after
+    setups = {}
+    for end, (world, autoep_size) in (("source", source), ("target", target)):
+        if micro_batches % world:
+            raise ValueError(f"world size {world} does not divide the {micro_batches} micro-batches of a step")
+        setups[end] = TrainingSetup(zero_stage, autoep_size, steps=total, grad_accum=micro_batches // world)
+    case = CASES_BY_ID[case_id]
+    batches = global_batches(case.build().config.get_text_config().vocab_size, source[0], setups["source"])
+    saved, universal = os.path.join(folder, "saved"), os.path.join(folder, "universal")
+    first = launch.run(source[0], train_on_rank, case_id, "autoep", "float32", 0,
+                       dataclasses.replace(setups["source"], steps=steps_before), batches, save_to=saved)
+    to_universal(saved, universal)
+    second = launch.run(target[0], train_on_rank, case_id, "autoep", "float32", 0, setups["target"], batches,
+                        first_step=steps_before, load_universal=universal)
+    losses = torch.tensor([result["losses"] for result in first]).mean(dim=0).tolist() + \
+        torch.tensor([result["losses"] for result in second]).mean(dim=0).tolist()
+    want = reference_training(case, torch.float32, 0, TrainingSetup(zero_stage, 1, steps=total), micro_batches,
+                              batches)
+    tol = tolerance(torch.float32, "multi")
+    got = assemble(second)
+    return [compare("per-step loss", torch.tensor(losses), want["losses"], tol)] + \
+        [compare(f"param {name}", got[name], value, tol) for name, value in want["params"].items()]

@@ -115,20 +115,35 @@ def process_globals_restored():
     reset"). Rank processes are shared between runs, so without this a run's linears (and their
     bf16 rounding) would depend on which cells ran before it: measured, qwen2_moe ZeRO-2 bf16
     passed alone but failed (k_proj.bias update) after ZeRO-3 cells. Each run leaves the process
-    as it found it."""
+    as it found it (also DeepSpeed's expert-group registry)."""
     import torch.nn.functional as F
+    from deepspeed.utils import groups
 
+    # DeepSpeed's registry of expert-parallel groups, by name: a later run with another
+    # autoep_size in the same process would otherwise see both (and ZeRO-1/2 Universal loading
+    # slices experts by the largest registered group, not the engine's).
+    registries = [groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
+                  groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS]
+    names = [set(registry) for registry in registries]
     linear = F.linear
     try:
         yield
     finally:
         F.linear = linear
+        for registry, before in zip(registries, names):
+            for name in set(registry) - before:
+                del registry[name]
 
 
 def train_on_rank(case_id: str, subject_name: str, dtype_name: str, seed: int, setup: TrainingSetup,
-                  batches: torch.Tensor) -> dict:
-    """Rank side: the subject's engine trains ``setup.steps`` steps; returns this rank's
-    per-step losses and its parameters (full tensors, or local expert slices with shards)."""
+                  batches: torch.Tensor, first_step: int = 0, save_to: str | None = None,
+                  load_universal: str | None = None) -> dict:
+    """Rank side: the subject's engine trains steps ``first_step .. setup.steps - 1``; returns
+    this rank's per-step losses and its parameters (full tensors, or local expert slices with
+    shards). ``load_universal``: a Universal Checkpoint tag folder loaded first; ``save_to``:
+    a tag folder saved to at the end."""
+    import os
+
     import torch.distributed as dist
 
     from conformance.subjects import subject_by_name
@@ -137,10 +152,17 @@ def train_on_rank(case_id: str, subject_name: str, dtype_name: str, seed: int, s
     with process_globals_restored():
         model = CASES_BY_ID[case_id].build(seed=seed, dtype=torch.float32).train()
         optimizer = torch.optim.AdamW(model.parameters(), **ADAMW) if setup.client_optimizer else None
-        engine = subject.initialize(model, deepspeed_config(setup, dtype_name), optimizer)
+        config = deepspeed_config(setup, dtype_name)
+        if load_universal is not None:
+            config["checkpoint"] = {"load_universal": True}
+        engine = subject.initialize(model, config, optimizer)
+        if load_universal is not None:
+            path, _ = engine.load_checkpoint(os.path.dirname(load_universal), tag=os.path.basename(load_universal))
+            if path is None:
+                raise RuntimeError(f"nothing was loaded from {load_universal}")
         rank, world = dist.get_rank(), dist.get_world_size()
         losses = []
-        for step in range(setup.steps):
+        for step in range(first_step, setup.steps):
             step_losses = []
             for accum in range(setup.grad_accum):
                 ids = micro_batch(batches, step, accum, rank, world, setup)
@@ -149,6 +171,8 @@ def train_on_rank(case_id: str, subject_name: str, dtype_name: str, seed: int, s
                 engine.step()
                 step_losses.append(float(loss.detach()))
             losses.append(sum(step_losses) / len(step_losses))
+        if save_to is not None:
+            engine.save_checkpoint(os.path.dirname(save_to), tag=os.path.basename(save_to))
         return {"losses": losses, "params": subject.full_parameters(engine),
                 "expert_shards": subject.expert_shards(engine.module)}
 

@@ -103,3 +103,74 @@ def test_a_checkpoint_without_autoep_topology_is_refused(saved_w4_ep2, tmp_path)
     os.remove(folder / "saved" / "autoep_topology.json")
     for message, changed in launch.run(4, failed_load_on_rank, TrainingSetup(2, 2), str(folder)):
         assert "autoep_topology.json is missing" in message and changed == []
+
+
+RESUMES = [((4, 2), (2, 1)), ((2, 2), (4, 4)), ((4, 4), (4, 2))]
+
+
+@pytest.mark.parametrize("source,target", RESUMES, ids=lambda t: f"w{t[0]}-ep{t[1]}")
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_universal_resume_on_another_topology_continues_the_same_training(stage, source, target, tmp_path):
+    # 2 steps at source, autoep to-universal, 2 steps at target == 4 uninterrupted reference steps.
+    from conformance.checkpoints import resume_elsewhere
+
+    checks = resume_elsewhere("mixtral", stage, source, target, str(tmp_path))
+    failures = [str(check) for check in checks if not check.ok]
+    assert not failures, failures
+    assert len(checks) > 20
+
+
+@pytest.fixture(scope="module")
+def saved_w4_ep2_zero3(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("w4-ep2-z3")
+    launch.run(4, save_on_rank, TrainingSetup(3, 2), str(folder))
+    return folder
+
+
+def _run_cli(*args):
+    from autoep.cli import main
+
+    return main(["to-universal", *args])
+
+
+def test_to_universal_refuses_an_existing_output_folder(saved_w4_ep2, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    assert _run_cli("--input_folder", str(saved_w4_ep2 / "saved"), "--output_folder", str(tmp_path / "out")) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_to_universal_with_a_damaged_shard_names_it_and_writes_nothing(saved_w4_ep2_zero3, tmp_path, damage, capsys):
+    folder = _copy(saved_w4_ep2_zero3, tmp_path)
+    shard = folder / "saved" / "zero_pp_rank_3_mp_rank_00_optim_states.pt"
+    before = sorted(os.listdir(folder / "saved"))
+    if damage == "missing":
+        os.remove(shard)
+    else:
+        shard.write_bytes(shard.read_bytes()[:1000])
+    out = tmp_path / "universal"
+    assert _run_cli("--input_folder", str(folder / "saved"), "--output_folder", str(out)) == 2
+    assert "zero_pp_rank_3_mp_rank_00_optim_states.pt" in capsys.readouterr().err
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith("universal")]
+    assert sorted(os.listdir(folder / "saved")) == [p for p in before if damage != "missing" or
+                                                     p != shard.name]
+
+
+def test_to_universal_output_loads_and_the_input_is_unchanged(saved_w4_ep2_zero3, tmp_path, capsys):
+    import hashlib
+
+    def digest(folder):
+        return {p: hashlib.sha256((folder / p).read_bytes()).hexdigest() for p in sorted(os.listdir(folder))}
+
+    before = digest(saved_w4_ep2_zero3 / "saved")
+    assert _run_cli("--input_folder", str(saved_w4_ep2_zero3 / "saved"), "--output_folder",
+                    str(tmp_path / "universal")) == 0
+    assert digest(saved_w4_ep2_zero3 / "saved") == before
+    assert (tmp_path / "universal" / "zero" / "model.layers.0.mlp.experts.gate_up_proj" / "fp32.pt").is_file()
+
+
+def test_to_universal_refuses_a_zero0_checkpoint(tmp_path, capsys):
+    launch.run(4, save_on_rank, TrainingSetup(0, 2), str(tmp_path / "z0"))
+    assert _run_cli("--input_folder", str(tmp_path / "z0" / "saved"), "--output_folder", str(tmp_path / "u")) == 2
+    assert "ZeRO stage 0" in capsys.readouterr().err and not (tmp_path / "u").exists()

@@ -1,0 +1,201 @@
+"""``autoep.to_universal``: a DeepSpeed ZeRO 1/2/3 checkpoint of an AutoEP engine, as a
+Universal Checkpoint that resumes on another world size and/or ``autoep_size``.
+
+DeepSpeed's ``ds_to_universal`` cannot do this for a layer that is not DeepSpeed's (it
+concatenates every rank's expert fragments as one tensor, or writes interleaved EDP shards:
+../shared/notes/deepspeed-universal-checkpoint.md). This converter reads the raw per-rank
+optimizer shards itself, with AutoEP's topology record (which rank held which experts):
+
+- every parameter is unsharded from its ZeRO partitions: ZeRO-1/2 by ``param_slice_mappings``
+  (fragments of a flat group cut into equal partitions); ZeRO-3 by ``param_shapes`` (each
+  parameter cut into ``ceil(numel / partitions)`` chunks, the last padded);
+- a dense parameter's partitions are over all ranks; an expert parameter's are over its EDP
+  group, and the EP ranks' pieces are stacked in EP-rank order to all E experts;
+- written per parameter: ``zero/<name>/fp32.pt``, ``exp_avg.pt``, ``exp_avg_sq.pt`` (and
+  ``step.pt``), with ``is_expert_param``/``ep_num_experts`` on experts so that DeepSpeed's
+  ``load_universal`` slices them for the new ``autoep_size``; ``zero/optimizer_state.pt``
+  with the optimizer hyperparameters and step; the model-states files for the engine's
+  counters; AutoEP's topology record.
+
+The output is written to a temporary folder beside it and renamed into place only when
+complete: a failed conversion leaves nothing. The input is only read.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections import OrderedDict
+
+import torch
+
+from autoep.checkpoint import TOPOLOGY_FILE, AutoEPCheckpointError, Topology, read_topology
+
+OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _load(path: str):
+    if not os.path.isfile(path):
+        raise AutoEPCheckpointError(f"{path} is missing: the checkpoint is incomplete")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for a truncated or corrupt file
+        raise AutoEPCheckpointError(f"{path} cannot be read (truncated or damaged?): {error}") from error
+
+
+def _optimizer_file(folder: str, rank: int) -> str:
+    return os.path.join(folder, f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+
+
+def _model_files(folder: str, stage: int, world_size: int) -> list[str]:
+    if stage == 3:
+        return [f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" for rank in range(world_size)]
+    return ["mp_rank_00_model_states.pt"]
+
+
+def _partition_ranks(topology: Topology, ep_rank: int | None) -> list[int]:
+    """Global ranks in partition order: all ranks (dense), or EP rank ``ep_rank``'s EDP group
+    ordered by EDP rank (experts)."""
+    if ep_rank is None:
+        return list(range(topology.world_size))
+    members = [(edp, rank) for rank, (ep, edp) in enumerate(topology.rank_layout) if ep == ep_rank]
+    return [rank for _, rank in sorted(members)]
+
+
+def _group_kind(names, topology: Topology) -> str:
+    experts = [name in topology.experts for name in names]
+    if all(experts):
+        return "experts"
+    if not any(experts):
+        return "dense"
+    raise AutoEPCheckpointError(f"a ZeRO parameter group mixes expert and dense parameters ({list(names)[:4]}); "
+                                "an engine from autoep.initialize never saves that")
+
+
+def _unshard_zero12(shards: list[dict], topology: Topology) -> tuple[dict, dict, object]:
+    """{key: {name: flat full tensor (or [E, ...] stacked later)}}, param groups, step."""
+    first = shards[0]["optimizer_state_dict"]
+    groups = len(first["param_slice_mappings"])
+    full: dict[str, dict[str, dict[int, torch.Tensor]]] = {key: {} for key in ("fp32",) + OPTIMIZER_KEYS}
+    step = None
+    for index in range(groups):
+        names = list(first["param_slice_mappings"][index].keys())
+        for rank, shard in enumerate(shards):
+            names += [n for n in shard["optimizer_state_dict"]["param_slice_mappings"][index] if n not in names]
+        kind = _group_kind(names, topology)
+        ep_ranks = sorted({ep for ep, _ in topology.rank_layout}) if kind == "experts" else [None]
+        for ep_rank in ep_ranks:
+            for key in full:
+                pieces: dict[str, list[torch.Tensor]] = OrderedDict((name, []) for name in names)
+                for rank in _partition_ranks(topology, ep_rank):
+                    state = shards[rank]["optimizer_state_dict"]
+                    flat = state["single_partition_of_fp32_groups"][index] if key == "fp32" else \
+                        state["base_optimizer_state"]["state"][index][key]
+                    for name, address in state["param_slice_mappings"][index].items():
+                        pieces[name].append(flat.narrow(0, address.start, address.numel))
+                    step = state["base_optimizer_state"]["state"][index].get("step", step)
+                for name, parts in pieces.items():
+                    full[key].setdefault(name, {})[ep_rank if ep_rank is not None else 0] = torch.cat(parts)
+    param_groups = first["base_optimizer_state"]["param_groups"]
+    return full, param_groups, step
+
+
+def _unshard_zero3(shards: list[dict], param_shapes: list[dict], topology: Topology) -> tuple[dict, dict, object]:
+    full: dict[str, dict[str, dict[int, torch.Tensor]]] = {key: {} for key in ("fp32",) + OPTIMIZER_KEYS}
+    first = shards[0]["optimizer_state_dict"]
+    step = None
+    for index, shapes in enumerate(param_shapes):
+        kind = _group_kind(shapes.keys(), topology)
+        ep_ranks = sorted({ep for ep, _ in topology.rank_layout}) if kind == "experts" else [None]
+        for ep_rank in ep_ranks:
+            ranks = _partition_ranks(topology, ep_rank)
+            for rank in ranks:
+                info = shards[rank]["optimizer_state_dict"]["ds_zero_partition_groups"][index]
+                if list(info["partition_ranks"]) != ranks:
+                    raise AutoEPCheckpointError(
+                        f"{_optimizer_file('', rank)}: group {index} is partitioned over ranks "
+                        f"{list(info['partition_ranks'])}, the topology record says {ranks}")
+            for key in full:
+                flats = []
+                for rank in ranks:
+                    state = shards[rank]["optimizer_state_dict"]
+                    flats.append(state["fp32_flat_groups"][index] if key == "fp32" else
+                                 state["optimizer_state_dict"]["state"][index][key])
+                    step = state["optimizer_state_dict"]["state"][index].get("step", step)
+                offset = 0
+                for name, shape in shapes.items():
+                    numel = math.prod(shape)
+                    chunk = math.ceil(numel / len(ranks))
+                    value = torch.cat([flat.narrow(0, offset, chunk) for flat in flats])[:numel]
+                    full[key].setdefault(name, {})[ep_rank if ep_rank is not None else 0] = value
+                    offset += chunk
+                if offset != flats[0].numel():
+                    raise AutoEPCheckpointError(f"ZeRO-3 group {index}: shapes cover {offset} elements per rank, "
+                                                f"the shard holds {flats[0].numel()}")
+    return full, first["optimizer_state_dict"]["param_groups"], step
+
+
+def to_universal(input_folder: str, output_folder: str) -> None:
+    """Convert the checkpoint tag folder ``input_folder`` (saved by an engine from
+    ``autoep.initialize`` at ZeRO stage 1, 2 or 3) into the Universal Checkpoint tag folder
+    ``output_folder``, which must not exist."""
+    input_folder, output_folder = os.path.abspath(input_folder), os.path.abspath(output_folder)
+    if os.path.exists(output_folder):
+        raise FileExistsError(f"--output_folder {output_folder} already exists; choose a new folder (nothing was "
+                              "written)")
+    if not os.path.isdir(input_folder):
+        raise AutoEPCheckpointError(f"--input_folder {input_folder} is not a folder (pass a checkpoint tag folder, "
+                                    "e.g. <save_dir>/global_step100)")
+    topology = read_topology(input_folder)
+    if topology.zero_stage not in (1, 2, 3):
+        raise AutoEPCheckpointError(
+            f"{input_folder} was saved at ZeRO stage {topology.zero_stage}; Universal conversion needs the ZeRO 1/2/3 "
+            "optimizer shards. Save at ZeRO stage 1-3, or resume at the same topology with a regular load")
+    shards = [_load(_optimizer_file(input_folder, rank)) for rank in range(topology.world_size)]
+    model_files = _model_files(input_folder, topology.zero_stage, topology.world_size)
+    model_state = _load(os.path.join(input_folder, model_files[0]))
+    if topology.zero_stage == 3:
+        full, param_groups, step = _unshard_zero3(shards, model_state["param_shapes"], topology)
+    else:
+        full, param_groups, step = _unshard_zero12(shards, topology)
+    shapes = {name: shape for group in model_state["param_shapes"] for name, shape in group.items()}
+
+    temporary = f"{output_folder}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(output_folder), exist_ok=True)
+    try:
+        os.makedirs(os.path.join(temporary, "zero"))
+        for name, shape in shapes.items():
+            folder = os.path.join(temporary, "zero", name)
+            os.makedirs(folder)
+            for key, by_param in full.items():
+                if name not in by_param:
+                    raise AutoEPCheckpointError(f"{name}: no {key} found in any optimizer shard of {input_folder}")
+                pieces = by_param[name]
+                if name in topology.experts:
+                    local = [pieces[ep].view(shape) for ep in sorted(pieces)]  # shape: the local [E/ep, ...]
+                    tensor = torch.cat(local, dim=0)
+                    if tensor.shape[0] != topology.experts[name]:
+                        raise AutoEPCheckpointError(f"{name}: stacked {tensor.shape[0]} experts, the topology "
+                                                    f"record says {topology.experts[name]}")
+                    record = {"param": tensor, "cat_dim": 0, "is_expert_param": True,
+                              "ep_num_experts": topology.experts[name]}
+                else:
+                    record = {"param": pieces[0].view(shape)}
+                torch.save(record, os.path.join(folder, f"{key}.pt"))
+            if step is not None:
+                torch.save(step, os.path.join(folder, "step.pt"))
+        groups = [{key: value for key, value in group.items() if key not in ("params", "name", "moe")}
+                  for group in param_groups]
+        # ZeRO-1/2 read "param_groups"; ZeRO-3 reads the step and hyperparameters from
+        # "optimizer_state_dict". "name"/"moe" are left out: the loading engine's groups keep theirs.
+        torch.save({"ds_version": shards[0].get("ds_version"), "param_groups": groups,
+                    "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups}},
+                   os.path.join(temporary, "zero", "optimizer_state.pt"))
+        for name in model_files:
+            shutil.copy2(os.path.join(input_folder, name), os.path.join(temporary, name))
+        shutil.copy2(os.path.join(input_folder, TOPOLOGY_FILE), os.path.join(temporary, TOPOLOGY_FILE))
+        os.rename(temporary, output_folder)
+    finally:
+        if os.path.exists(temporary):
+            shutil.rmtree(temporary)
