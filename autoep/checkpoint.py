@@ -29,10 +29,32 @@ from autoep.api import replaced_layers
 
 FORMAT_VERSION = 1
 TOPOLOGY_FILE = "autoep_topology.json"
+MODEL_CONFIG_FILE = "autoep_model_config.json"  # the Transformers config, for autoep.save_pretrained
 
 
 class AutoEPCheckpointError(RuntimeError):
     """A checkpoint AutoEP cannot load here (another topology, a missing or damaged file)."""
+
+
+def load_file(path: str, weights_only: bool = True):
+    """``torch.load`` on CPU, with an error naming the file when it is missing or damaged."""
+    if not os.path.isfile(path):
+        raise AutoEPCheckpointError(f"{path} is missing: the checkpoint is incomplete")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as error:  # torch raises several types for a truncated or corrupt file
+        raise AutoEPCheckpointError(f"{path} cannot be read (truncated or damaged?): {error}") from error
+
+
+def write_model_config(folder: str, model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if config is not None:
+        _atomic_write(os.path.join(folder, MODEL_CONFIG_FILE), lambda path: _write_text(path, config.to_json_string()))
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(text)
 
 
 def expert_file(ep_rank: int) -> str:
@@ -86,10 +108,8 @@ def _atomic_write(path: str, write) -> None:
 
 
 def write_topology(folder: str, topology: Topology) -> None:
-    def write(path):
-        with open(path, "w") as handle:
-            json.dump(asdict(topology), handle, indent=1, sort_keys=True)
-    _atomic_write(os.path.join(folder, TOPOLOGY_FILE), write)
+    _atomic_write(os.path.join(folder, TOPOLOGY_FILE),
+                  lambda path: _write_text(path, json.dumps(asdict(topology), indent=1, sort_keys=True)))
 
 
 def read_topology(folder: str) -> Topology:
@@ -152,10 +172,7 @@ def read_experts(folder: str, ep_rank: int, model: nn.Module) -> dict[str, torch
     if not os.path.isfile(path):
         raise AutoEPCheckpointError(f"{path} is missing: the experts of EP rank {ep_rank} were not saved "
                                     "(an incomplete or foreign checkpoint)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for a truncated or corrupt file
-        raise AutoEPCheckpointError(f"{path} cannot be read (truncated or damaged?): {error}") from error
+    payload = load_file(path)
     saved: Mapping[str, torch.Tensor] = payload.get("experts", {}) if isinstance(payload, dict) else {}
     live = dict(_live_expert_parameters(model))
     if saved.keys() != live.keys():

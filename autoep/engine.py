@@ -252,6 +252,7 @@ def _engine_class():
             topology = self._autoep_topology()  # collective
             if dist.get_rank() == 0:
                 checkpoint.write_topology(folder, topology)
+                checkpoint.write_model_config(folder, self.module)
             dist.barrier()
             return super().save_checkpoint(save_dir, tag, client_state, save_latest, exclude_frozen_parameters)
 

@@ -27,21 +27,17 @@ import math
 import os
 import shutil
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
-from autoep.checkpoint import TOPOLOGY_FILE, AutoEPCheckpointError, Topology, read_topology
+from autoep.checkpoint import TOPOLOGY_FILE, AutoEPCheckpointError, Topology, load_file, read_topology
 
 OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def _load(path: str):
-    if not os.path.isfile(path):
-        raise AutoEPCheckpointError(f"{path} is missing: the checkpoint is incomplete")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises several types for a truncated or corrupt file
-        raise AutoEPCheckpointError(f"{path} cannot be read (truncated or damaged?): {error}") from error
+    return load_file(path, weights_only=False)  # DeepSpeed's files hold its own classes
 
 
 def _optimizer_file(folder: str, rank: int) -> str:
@@ -136,14 +132,20 @@ def _unshard_zero3(shards: list[dict], param_shapes: list[dict], topology: Topol
     return full, first["optimizer_state_dict"]["param_groups"], step
 
 
-def to_universal(input_folder: str, output_folder: str) -> None:
-    """Convert the checkpoint tag folder ``input_folder`` (saved by an engine from
-    ``autoep.initialize`` at ZeRO stage 1, 2 or 3) into the Universal Checkpoint tag folder
-    ``output_folder``, which must not exist."""
-    input_folder, output_folder = os.path.abspath(input_folder), os.path.abspath(output_folder)
-    if os.path.exists(output_folder):
-        raise FileExistsError(f"--output_folder {output_folder} already exists; choose a new folder (nothing was "
-                              "written)")
+@dataclass
+class Unsharded:
+    """A ZeRO 1/2/3 checkpoint's optimizer state, every parameter a full tensor (experts stacked
+    to all E)."""
+    topology: Topology
+    tensors: dict[str, dict[str, torch.Tensor]]  # "fp32" / "exp_avg" / "exp_avg_sq" -> name -> tensor
+    param_groups: list[dict]
+    step: object
+    model_files: list[str]
+    model_state: dict  # the first model-states file
+
+
+def unshard(input_folder: str) -> Unsharded:
+    """Read a checkpoint tag folder saved by an engine from ``autoep.initialize`` at ZeRO 1-3."""
     if not os.path.isdir(input_folder):
         raise AutoEPCheckpointError(f"--input_folder {input_folder} is not a folder (pass a checkpoint tag folder, "
                                     "e.g. <save_dir>/global_step100)")
@@ -156,45 +158,59 @@ def to_universal(input_folder: str, output_folder: str) -> None:
     model_files = _model_files(input_folder, topology.zero_stage, topology.world_size)
     model_state = _load(os.path.join(input_folder, model_files[0]))
     if topology.zero_stage == 3:
-        full, param_groups, step = _unshard_zero3(shards, model_state["param_shapes"], topology)
+        pieces, param_groups, step = _unshard_zero3(shards, model_state["param_shapes"], topology)
     else:
-        full, param_groups, step = _unshard_zero12(shards, topology)
+        pieces, param_groups, step = _unshard_zero12(shards, topology)
     shapes = {name: shape for group in model_state["param_shapes"] for name, shape in group.items()}
+    tensors: dict[str, dict[str, torch.Tensor]] = {key: {} for key in pieces}
+    for key, by_param in pieces.items():
+        for name, shape in shapes.items():
+            if name not in by_param:
+                raise AutoEPCheckpointError(f"{name}: no {key} found in any optimizer shard of {input_folder}")
+            if name in topology.experts:  # shape: the local [E/ep, ...]
+                tensor = torch.cat([by_param[name][ep].view(shape) for ep in sorted(by_param[name])], dim=0)
+                if tensor.shape[0] != topology.experts[name]:
+                    raise AutoEPCheckpointError(f"{name}: stacked {tensor.shape[0]} experts, the topology record "
+                                                f"says {topology.experts[name]}")
+            else:
+                tensor = by_param[name][0].view(shape)
+            tensors[key][name] = tensor
+    return Unsharded(topology, tensors, param_groups, step, model_files, model_state)
 
+
+def to_universal(input_folder: str, output_folder: str) -> None:
+    """Convert the checkpoint tag folder ``input_folder`` (saved by an engine from
+    ``autoep.initialize`` at ZeRO stage 1, 2 or 3) into the Universal Checkpoint tag folder
+    ``output_folder``, which must not exist."""
+    input_folder, output_folder = os.path.abspath(input_folder), os.path.abspath(output_folder)
+    if os.path.exists(output_folder):
+        raise FileExistsError(f"--output_folder {output_folder} already exists; choose a new folder (nothing was "
+                              "written)")
+    source = unshard(input_folder)
+    topology = source.topology
     temporary = f"{output_folder}.tmp-{os.getpid()}"
     os.makedirs(os.path.dirname(output_folder), exist_ok=True)
     try:
         os.makedirs(os.path.join(temporary, "zero"))
-        for name, shape in shapes.items():
+        for name in source.tensors["fp32"]:
             folder = os.path.join(temporary, "zero", name)
             os.makedirs(folder)
-            for key, by_param in full.items():
-                if name not in by_param:
-                    raise AutoEPCheckpointError(f"{name}: no {key} found in any optimizer shard of {input_folder}")
-                pieces = by_param[name]
+            for key, by_name in source.tensors.items():
+                record = {"param": by_name[name]}
                 if name in topology.experts:
-                    local = [pieces[ep].view(shape) for ep in sorted(pieces)]  # shape: the local [E/ep, ...]
-                    tensor = torch.cat(local, dim=0)
-                    if tensor.shape[0] != topology.experts[name]:
-                        raise AutoEPCheckpointError(f"{name}: stacked {tensor.shape[0]} experts, the topology "
-                                                    f"record says {topology.experts[name]}")
-                    record = {"param": tensor, "cat_dim": 0, "is_expert_param": True,
-                              "ep_num_experts": topology.experts[name]}
-                else:
-                    record = {"param": pieces[0].view(shape)}
+                    record.update(cat_dim=0, is_expert_param=True, ep_num_experts=topology.experts[name])
                 torch.save(record, os.path.join(folder, f"{key}.pt"))
-            if step is not None:
-                torch.save(step, os.path.join(folder, "step.pt"))
+            if source.step is not None:
+                torch.save(source.step, os.path.join(folder, "step.pt"))
         groups = [{key: value for key, value in group.items() if key not in ("params", "name", "moe")}
-                  for group in param_groups]
+                  for group in source.param_groups]
         # ZeRO-1/2 read "param_groups"; ZeRO-3 reads the step and hyperparameters from
         # "optimizer_state_dict". "name"/"moe" are left out: the loading engine's groups keep theirs.
-        torch.save({"ds_version": shards[0].get("ds_version"), "param_groups": groups,
-                    "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups}},
+        torch.save({"ds_version": source.model_state.get("ds_version"), "param_groups": groups,
+                    "optimizer_state_dict": {"state": {0: {"step": source.step}}, "param_groups": groups}},
                    os.path.join(temporary, "zero", "optimizer_state.pt"))
-        for name in model_files:
+        for name in source.model_files + [TOPOLOGY_FILE]:
             shutil.copy2(os.path.join(input_folder, name), os.path.join(temporary, name))
-        shutil.copy2(os.path.join(input_folder, TOPOLOGY_FILE), os.path.join(temporary, TOPOLOGY_FILE))
         os.rename(temporary, output_folder)
     finally:
         if os.path.exists(temporary):

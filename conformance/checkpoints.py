@@ -114,17 +114,16 @@ def round_trip_on_rank(case_id: str, setup: TrainingSetup, dtype_name: str, fold
 
 
 def resume_elsewhere(case_id: str, zero_stage: int, source: tuple[int, int], target: tuple[int, int], folder: str,
-                     steps_before: int = 2, steps_after: int = 2) -> list:
+                     steps_before: int = 2, steps_after: int = 2, subject_name: str = "autoep") -> list:
     """Train ``steps_before`` steps at ``source`` (world, autoep_size), save, convert to a
-    Universal Checkpoint, resume at ``target`` for ``steps_after`` steps. The per-step losses
+    Universal Checkpoint (with the subject's converter), resume at ``target`` for ``steps_after`` steps. The per-step losses
     and the final parameters must equal a single-process AdamW run of the original model on
     the same global batches (4 micro-batches per step at both ends: world x gradient
     accumulation = 4, so the objective is the same)."""
     import os
 
     from autoep import launch
-    from autoep.universal import to_universal
-    from conformance.subjects import SUBJECTS
+    from conformance.subjects import subject_by_name
     from conformance.tolerances import compare, tolerance
     from conformance.training import assemble, global_batches, reference_training, train_on_rank
 
@@ -138,10 +137,10 @@ def resume_elsewhere(case_id: str, zero_stage: int, source: tuple[int, int], tar
     case = CASES_BY_ID[case_id]
     batches = global_batches(case.build().config.get_text_config().vocab_size, source[0], setups["source"])
     saved, universal = os.path.join(folder, "saved"), os.path.join(folder, "universal")
-    first = launch.run(source[0], train_on_rank, case_id, "autoep", "float32", 0,
+    first = launch.run(source[0], train_on_rank, case_id, subject_name, "float32", 0,
                        dataclasses.replace(setups["source"], steps=steps_before), batches, save_to=saved)
-    to_universal(saved, universal)
-    second = launch.run(target[0], train_on_rank, case_id, "autoep", "float32", 0, setups["target"], batches,
+    subject_by_name(subject_name).to_universal(saved, universal)
+    second = launch.run(target[0], train_on_rank, case_id, subject_name, "float32", 0, setups["target"], batches,
                         first_step=steps_before, load_universal=universal)
     losses = torch.tensor([result["losses"] for result in first]).mean(dim=0).tolist() + \
         torch.tensor([result["losses"] for result in second]).mean(dim=0).tolist()

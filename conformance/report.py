@@ -38,17 +38,17 @@ def markdown(records: list[dict]) -> str:
     lines += ["", "A pass shows the largest absolute difference from the reference: over logits, loss, aux "
               "loss and every gradient for zero-none cells (bf16 cells are bounded by relative L2 error; see "
               "conformance/tolerances.py); over the per-step losses and every final parameter after 3 AdamW "
-              "steps for ZeRO cells.", ""]
+              "steps for ZeRO cells (one step in bf16); for checkpoint cells (a -> b), over the 4 per-step losses and "
+              "every final parameter of 2 steps on a, save, Universal conversion, 2 steps on b.", ""]
     by_version: dict[str, list[dict]] = {}
     for record in records:
         by_version.setdefault(record["transformers"], []).append(record)
     for version, items in by_version.items():
-        topologies = list(dict.fromkeys(f"zero-{r['zero_stage']} w{r['world_size']} ep{r['autoep_size']}"
-                                        for r in items))
+        topologies = list(dict.fromkeys(_column(r) for r in items))
         rows: dict[str, dict[str, str]] = {}
         for r in items:
             row = rows.setdefault(f"{r['subject']}: {r['case']} {r['dtype']}", {})
-            row[f"zero-{r['zero_stage']} w{r['world_size']} ep{r['autoep_size']}"] = _cell_text(r)
+            row[_column(r)] = _cell_text(r)
         lines += [f"## transformers {version}", "", "| cell | " + " | ".join(topologies) + " |",
                   "|---|" + "---|" * len(topologies)]
         for name, row in rows.items():
@@ -67,6 +67,11 @@ def markdown(records: list[dict]) -> str:
                     lines.append(f"- {r['subject']} {r['cell']}: FAIL: {detail}".replace("\n", " | "))
             lines.append("")
     return "\n".join(lines)
+
+
+def _column(record: dict) -> str:
+    resume = f" -> {record['resume']}" if record.get("resume") else ""
+    return f"zero-{record['zero_stage']} w{record['world_size']} ep{record['autoep_size']}{resume}"
 
 
 def write(parts_dir: Path, json_path: Path, markdown_path: Path) -> list[dict]:

@@ -59,6 +59,8 @@ def _run_rejection(cell: Cell, subject, error_name: str) -> dict:
 def _run_equivalence(cell: Cell, subject) -> dict:
     case = CASES_BY_ID[cell.case]
     dtype = DTYPES[cell.dtype]
+    if cell.resume is not None:
+        return _run_checkpoint(cell, subject)
     if cell.zero_stage != "none":
         return _run_training(cell, subject)
     try:
@@ -95,6 +97,24 @@ def _run_training(cell: Cell, subject) -> dict:
         setup = dataclasses.replace(setup, steps=BF16_STEPS)
     try:
         checks = compare_training(CASES_BY_ID[cell.case], subject, DTYPES[cell.dtype], setup, cell.world_size)
+    except Exception:
+        return {"status": "fail", "detail": traceback.format_exc()[-1500:]}
+    failures = [str(check) for check in checks if not check.ok]
+    return {"status": "pass" if not failures else "fail", "detail": "; ".join(failures[:5]),
+            "max_abs_diff": {"subject~reference": max(check.max_abs_diff for check in checks)}}
+
+
+def _run_checkpoint(cell: Cell, subject) -> dict:
+    """A checkpoint cell: train, save, convert to Universal (the subject's converter), resume on
+    another topology; the 4 per-step losses and final parameters vs single-process PyTorch."""
+    import tempfile
+
+    from conformance.checkpoints import resume_elsewhere
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="autoep-conformance-") as folder:
+            checks = resume_elsewhere(cell.case, int(cell.zero_stage), (cell.world_size, cell.autoep_size),
+                                      cell.resume_topology, folder, subject_name=subject.name)
     except Exception:
         return {"status": "fail", "detail": traceback.format_exc()[-1500:]}
     failures = [str(check) for check in checks if not check.ok]

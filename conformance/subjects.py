@@ -33,6 +33,10 @@ class Subject(Protocol):
         """Every parameter of the engine's model as this rank holds it, unpartitioned by ZeRO
         (expert tensors stay this rank's slice; see ``expert_shards``)."""
 
+    def to_universal(self, input_folder: str, output_folder: str) -> None:
+        """Convert a checkpoint tag folder saved by the subject's engine into a Universal
+        Checkpoint tag folder (in this process, no job running)."""
+
 
 class AutoEPSubject:
     name = "autoep"
@@ -53,6 +57,11 @@ class AutoEPSubject:
 
     def full_parameters(self, engine) -> dict:
         return gathered_parameters(engine)
+
+    def to_universal(self, input_folder: str, output_folder: str) -> None:
+        import autoep
+
+        autoep.to_universal(input_folder, output_folder)
 
     def expert_shards(self, model: nn.Module) -> dict[str, tuple[int, int]]:
         import autoep
@@ -143,6 +152,16 @@ class DeepSpeedBuiltinSubject:
         model.conformance_specs = autoep.inspect(model)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         return engine
+
+    def to_universal(self, input_folder: str, output_folder: str) -> None:
+        """DeepSpeed's own converter, ``ds_to_universal``, as its command line runs it."""
+        import argparse
+
+        from deepspeed.checkpoint.ds_to_universal import main
+
+        main(argparse.Namespace(input_folder=input_folder, output_folder=output_folder, num_extract_workers=1,
+                                num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                inject_missing_state=False))
 
     @staticmethod
     def _layers(model: nn.Module):

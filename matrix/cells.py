@@ -1,6 +1,8 @@
 """The conformance matrix: axes, validity rules, and the expected outcome of every cell.
 
-A cell is (Transformers version, model case, ZeRO stage, world size, autoep_size, dtype).
+A cell is (Transformers version, model case, ZeRO stage, world size, autoep_size, dtype), and
+for a checkpoint cell the topology training resumes on (``resume``: ``w<world>-ep<autoep_size>``)
+after a save and a Universal conversion.
 ``expected(cell)`` says what must happen: ``pass``, ``rejected`` (with the error class
 that must be raised), ``not_applicable`` (with the reason) or ``not_implemented`` (a
 capability that a later issue adds; listed, never silently absent).
@@ -26,6 +28,14 @@ TOPOLOGIES = (
     ("none", 1, 1), ("none", 2, 2), ("none", 4, 1), ("none", 4, 2), ("none", 4, 4),
     *((stage, 4, ep) for stage in (0, 1, 2, 3) for ep in (1, 2, 4)),
 )
+# Checkpoint cells: ZeRO stage x (source world, autoep_size) -> (target world, autoep_size),
+# float32: 2 steps, save, Universal conversion, 2 steps on the target. The converter does not
+# depend on the routing, so Mixtral runs on every Transformers version and the presets with
+# shared experts (Qwen2-MoE) and a correction-bias buffer (DeepSeek-V3) on the pinned one.
+RESUMES = (((4, 2), (2, 1)), ((2, 2), (4, 4)), ((4, 4), (4, 2)))
+CHECKPOINT_STAGES = (1, 2, 3)
+CHECKPOINT_CASES = {"mixtral": TRANSFORMERS_VERSIONS, "qwen2_moe": (DEFAULT_TRANSFORMERS,),
+                    "deepseek_v3": (DEFAULT_TRANSFORMERS,)}
 
 
 @dataclass(frozen=True)
@@ -36,15 +46,25 @@ class Cell:
     world_size: int
     autoep_size: int
     dtype: str
+    resume: str | None = None  # checkpoint cells: "w<world>-ep<autoep_size>" resumed on
 
     @property
     def id(self) -> str:
+        resume = f"->{self.resume}" if self.resume else ""
         return (f"tf{self.transformers}/{self.case}/zero-{self.zero_stage}/w{self.world_size}"
-                f"-ep{self.autoep_size}/{self.dtype}")
+                f"-ep{self.autoep_size}{resume}/{self.dtype}")
 
     @property
     def topology(self) -> str:
-        return f"zero-{self.zero_stage} w{self.world_size} ep{self.autoep_size}"
+        resume = f" -> {self.resume.replace('-', ' ')} (checkpoint)" if self.resume else ""
+        return f"zero-{self.zero_stage} w{self.world_size} ep{self.autoep_size}{resume}"
+
+    @property
+    def resume_topology(self) -> tuple[int, int] | None:
+        if self.resume is None:
+            return None
+        world, ep = self.resume.removeprefix("w").split("-ep")
+        return int(world), int(ep)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -69,6 +89,12 @@ def cells() -> list[Cell]:
         for case in VARIANT_CASES:
             for dtype in DTYPES:
                 result.append(Cell(version, case.id, "none", 1, 1, dtype))
+        for case_id, versions in CHECKPOINT_CASES.items():
+            if version in versions:
+                for stage in CHECKPOINT_STAGES:
+                    for (world, ep), (target_world, target_ep) in RESUMES:
+                        result.append(Cell(version, case_id, stage, world, ep, "float32",
+                                           f"w{target_world}-ep{target_ep}"))
     return result
 
 

@@ -174,3 +174,81 @@ def test_to_universal_refuses_a_zero0_checkpoint(tmp_path, capsys):
     launch.run(4, save_on_rank, TrainingSetup(0, 2), str(tmp_path / "z0"))
     assert _run_cli("--input_folder", str(tmp_path / "z0" / "saved"), "--output_folder", str(tmp_path / "u")) == 2
     assert "ZeRO stage 0" in capsys.readouterr().err and not (tmp_path / "u").exists()
+
+
+def export_on_rank(setup: TrainingSetup, folder: str, ids):
+    """Train 2 steps, save a DeepSpeed checkpoint and a live Hugging Face export; return this
+    rank's parameters (local expert slices), their placement and the engine's logits on ``ids``."""
+    import autoep
+    from conformance.subjects import SUBJECTS
+
+    with process_globals_restored():
+        engine = _engine("mixtral", setup, "float32", seed=0)
+        _train(engine, global_batches(VOCAB, 4, setup), range(2), setup)
+        engine.save_checkpoint(folder, tag="saved")
+        autoep.save_pretrained(engine, os.path.join(folder, "hf_live"))
+        engine.module.eval()
+        logits = engine.module(input_ids=ids).logits.detach()
+        subject = SUBJECTS["autoep"]
+        return {"params": subject.full_parameters(engine), "expert_shards": subject.expert_shards(engine.module),
+                "logits": logits}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_hugging_face_export_loads_into_the_original_class(stage, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    import autoep
+    from conformance.models import CASES_BY_ID
+    from conformance.tolerances import assert_close, tolerance
+    from conformance.training import assemble
+
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(5))
+    results = launch.run(4, export_on_rank, TrainingSetup(stage, 2, steps=2), str(tmp_path), ids)
+    trained = assemble(results)
+    model_class = type(CASES_BY_ID["mixtral"].build())
+    exported = model_class.from_pretrained(tmp_path / "hf_live").eval()
+    # Every weight, all 4 experts of each layer included, is the trained one bit for bit.
+    params = dict(exported.named_parameters())
+    assert params.keys() == trained.keys()
+    assert all(torch.equal(params[name], value) for name, value in trained.items())
+    # The original Transformers blocks reproduce the trained AutoEP model's logits (the same
+    # weights through another implementation of the same math: float32 summation order only).
+    with torch.no_grad():
+        assert_close("logits", exported(input_ids=ids).logits, results[0]["logits"], tolerance(torch.float32))
+    # Offline, from the DeepSpeed checkpoint folder: the same file contents.
+    autoep.save_pretrained(str(tmp_path / "saved"), str(tmp_path / "hf_offline"))
+    live, offline = load_file(tmp_path / "hf_live" / "model.safetensors"), \
+        load_file(tmp_path / "hf_offline" / "model.safetensors")
+    assert live.keys() == offline.keys()
+    assert all(torch.equal(live[name], offline[name]) for name in live)
+    with pytest.raises(FileExistsError, match="already exists"):
+        autoep.save_pretrained(str(tmp_path / "saved"), str(tmp_path / "hf_offline"))
+
+
+def native_moe_zero3_on_rank() -> str:
+    """autoep.initialize at ZeRO-3 on a model that also holds a native DeepSpeed MoE layer."""
+    import torch
+    from deepspeed.moe.layer import MoE
+
+    import autoep
+    from conformance.models import CASES_BY_ID
+    from conformance.training import ADAMW, deepspeed_config
+
+    with process_globals_restored():
+        model = CASES_BY_ID["mixtral"].build().train()
+        model.native_moe = MoE(hidden_size=32, expert=torch.nn.Linear(32, 32), num_experts=2, ep_size=1, k=1)
+        try:
+            autoep.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), **ADAMW),
+                              config=deepspeed_config(TrainingSetup(3, 2), "float32"))
+        except Exception as error:
+            return f"{type(error).__name__}: {error}"
+        return "accepted"
+
+
+def test_zero3_rejects_a_model_that_also_holds_native_deepspeed_moe_layers():
+    for outcome in launch.run(2, native_moe_zero3_on_rank):
+        assert outcome.startswith("AutoEPConfigError: zero_optimization.stage=3 with native "
+                                  "deepspeed.moe.layer.MoE modules (['native_moe'"), outcome
+        assert "AutoEP-managed" in outcome
