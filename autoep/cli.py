@@ -71,6 +71,14 @@ def cmd_to_universal(args) -> int:
     return 0
 
 
+def cmd_export_hf(args) -> int:
+    from autoep.export import save_pretrained
+
+    save_pretrained(args.input_folder, args.output_dir)
+    print(f"wrote Hugging Face checkpoint {args.output_dir} (from_pretrained on the original model class loads it)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="autoep", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     universal.add_argument("--input_folder", required=True, help="a checkpoint tag folder, e.g. ckpt/global_step100")
     universal.add_argument("--output_folder", required=True, help="the Universal tag folder to create (must not exist)")
     universal.set_defaults(func=cmd_to_universal)
+    export = commands.add_parser("export-hf", help="write a stock Hugging Face checkpoint (every expert gathered) "
+                                 "from an AutoEP checkpoint tag folder")
+    export.add_argument("--input_folder", required=True, help="a checkpoint tag folder, e.g. ckpt/global_step100")
+    export.add_argument("--output_dir", required=True, help="the folder to create (must not exist)")
+    export.set_defaults(func=cmd_export_hf)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -217,8 +217,11 @@ def test_hugging_face_export_loads_into_the_original_class(stage, tmp_path):
     # weights through another implementation of the same math: float32 summation order only).
     with torch.no_grad():
         assert_close("logits", exported(input_ids=ids).logits, results[0]["logits"], tolerance(torch.float32))
-    # Offline, from the DeepSpeed checkpoint folder: the same file contents.
-    autoep.save_pretrained(str(tmp_path / "saved"), str(tmp_path / "hf_offline"))
+    # Offline, from the DeepSpeed checkpoint folder (the console command): the same file contents.
+    from autoep.cli import main
+
+    assert main(["export-hf", "--input_folder", str(tmp_path / "saved"), "--output_dir",
+                 str(tmp_path / "hf_offline")]) == 0
     live, offline = load_file(tmp_path / "hf_live" / "model.safetensors"), \
         load_file(tmp_path / "hf_offline" / "model.safetensors")
     assert live.keys() == offline.keys()
