@@ -133,6 +133,7 @@ def read_topology(folder: str) -> Topology:
 def check_same_topology(folder: str, current: Topology) -> Topology:
     """The saved topology, or an error naming both when a regular load cannot use it."""
     saved = read_topology(folder)
+    _check_model(folder, saved, current)
     differences = saved.mismatch(current)
     if differences:
         raise AutoEPCheckpointError(
@@ -148,7 +149,10 @@ def check_same_model(folder: str, current: Topology) -> None:
     presets and expert counts may not."""
     if not os.path.isfile(os.path.join(folder, TOPOLOGY_FILE)):
         return  # a Universal Checkpoint not written by autoep.to_universal: DeepSpeed checks shapes
-    saved = read_topology(folder)
+    _check_model(folder, read_topology(folder), current)
+
+
+def _check_model(folder: str, saved: Topology, current: Topology) -> None:
     if saved.layers != current.layers or saved.experts != current.experts:
         raise AutoEPCheckpointError(
             f"checkpoint {folder} holds a model with {saved.describe()}; this job's model has {current.describe()}: "

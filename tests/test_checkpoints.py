@@ -29,6 +29,15 @@ def test_same_topology_round_trip_is_exact(stage, mode, tmp_path):
     assert os.path.isfile(tmp_path / "saved" / "autoep_topology.json")
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_same_topology_round_trip_is_exact_in_bf16(stage, tmp_path):
+    # bf16 live weights, fp32 master weights and moments (DeepSpeed's bf16 optimizers).
+    setup = TrainingSetup(stage, 2, steps=3)
+    found = launch.run(4, round_trip_on_rank, "mixtral", setup, "bfloat16", str(tmp_path), "full",
+                       global_batches(VOCAB, 4, setup))
+    assert found == [[]] * 4, found
+
+
 def save_on_rank(setup: TrainingSetup, folder: str) -> None:
     with process_globals_restored():
         engine = _engine("mixtral", setup, "float32", seed=0)
@@ -36,13 +45,25 @@ def save_on_rank(setup: TrainingSetup, folder: str) -> None:
         engine.save_checkpoint(folder, tag="saved")
 
 
-def failed_load_on_rank(setup: TrainingSetup, folder: str) -> tuple[str, list[str]]:
-    """(the error, what the failed load changed in this rank's engine)."""
+def failed_load_on_rank(setup: TrainingSetup, folder: str, case_id: str = "mixtral",
+                        tag: str = "saved") -> tuple[str, list[str]]:
+    """(the error, what the failed load changed in this rank's engine). A tag other than
+    "saved" is loaded as a Universal Checkpoint."""
+    import autoep
+    import torch
+    from conformance.models import CASES_BY_ID
+    from conformance.training import ADAMW, deepspeed_config
+
     with process_globals_restored():
-        engine = _engine("mixtral", setup, "float32", seed=1)
+        model = CASES_BY_ID[case_id].build(seed=1).train()
+        config = deepspeed_config(setup, "float32")
+        if tag != "saved":
+            config["checkpoint"] = {"load_universal": True}
+        engine, *_ = autoep.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), **ADAMW),
+                                       config=config)
         before = engine_view(engine)
         try:
-            engine.load_checkpoint(folder, tag="saved")
+            engine.load_checkpoint(folder, tag=tag)
         except AutoEPCheckpointError as error:
             return str(error), differences(engine_view(engine), before, ["live", "optimizer"])
         return "loaded", []
@@ -76,6 +97,18 @@ def test_load_on_another_world_size_fails_naming_both_topologies(saved_w4_ep2):
     for message, changed in outcomes:
         assert "world size 4" in message and "world size 2" in message, message
         assert changed == []
+
+
+def test_a_checkpoint_of_another_preset_is_refused_by_regular_and_universal_loads(saved_w4_ep2, tmp_path):
+    from autoep.universal import to_universal
+
+    folder = _copy(saved_w4_ep2, tmp_path)
+    to_universal(str(folder / "saved"), str(folder / "universal"))
+    for tag in ("saved", "universal"):
+        for message, changed in launch.run(4, failed_load_on_rank, TrainingSetup(2, 2), str(folder), "qwen3_moe",
+                                           tag):
+            assert "preset mixtral" in message and "preset qwen3_moe" in message, message
+            assert "another model, preset or expert count" in message and changed == []
 
 
 def test_a_missing_expert_shard_fails_on_every_rank_naming_the_file(saved_w4_ep2, tmp_path):
