@@ -214,9 +214,13 @@ def _engine_class():
 
         # Checkpoints: DeepSpeed's files plus AutoEP's own (autoep.checkpoint), because under
         # ZeRO 0-2 DeepSpeed's model file keeps only EP rank 0's experts.
-        def _autoep_topology(self):
+        def _autoep_groups(self) -> ExpertParallelGroups | None:
+            """The EP/EDP layout every AutoEP layer shares (None at autoep_size 1)."""
             layers = replaced_layers(self.module)
-            groups = layers[0][1].ep_groups if layers else None
+            return layers[0][1].ep_groups if layers else None
+
+        def _autoep_topology(self):
+            groups = self._autoep_groups()
             dtype = torch.bfloat16 if self.bfloat16_enabled() else torch.float16 if self.fp16_enabled() else \
                 torch.float32
             layout = [None] * dist.get_world_size()
@@ -226,8 +230,7 @@ def _engine_class():
 
         def _autoep_ep_layout(self) -> tuple[int, int]:
             """(EP rank, EDP rank) of this rank."""
-            layers = replaced_layers(self.module)
-            groups = layers[0][1].ep_groups if layers else None
+            groups = self._autoep_groups()
             if groups is None:
                 return 0, dist.get_rank()
             return groups.ep_rank, groups.edp_ranks.index(groups.rank)

@@ -50,41 +50,36 @@ def _model_files(folder: str, stage: int, world_size: int) -> list[str]:
     return ["mp_rank_00_model_states.pt"]
 
 
-def _partition_ranks(topology: Topology, ep_rank: int | None) -> list[int]:
-    """Global ranks in partition order: all ranks (dense), or EP rank ``ep_rank``'s EDP group
-    ordered by EDP rank (experts)."""
-    if ep_rank is None:
-        return list(range(topology.world_size))
-    members = [(edp, rank) for rank, (ep, edp) in enumerate(topology.rank_layout) if ep == ep_rank]
-    return [rank for _, rank in sorted(members)]
-
-
-def _group_kind(names, topology: Topology) -> str:
+def _partitions(names, topology: Topology) -> list[tuple[int, list[int]]]:
+    """How a ZeRO group's parameters were partitioned: [(slot, global ranks in partition
+    order)]. Dense parameters: one slot (0) over all ranks. Experts: one slot per EP rank, over
+    its EDP group ordered by EDP rank (the slots are stacked in EP-rank order later)."""
     experts = [name in topology.experts for name in names]
-    if all(experts):
-        return "experts"
     if not any(experts):
-        return "dense"
-    raise AutoEPCheckpointError(f"a ZeRO parameter group mixes expert and dense parameters ({list(names)[:4]}); "
-                                "an engine from autoep.initialize never saves that")
+        return [(0, list(range(topology.world_size)))]
+    if not all(experts):
+        raise AutoEPCheckpointError(f"a ZeRO parameter group mixes expert and dense parameters ({list(names)[:4]}); "
+                                    "an engine from autoep.initialize never saves that")
+    slots = []
+    for ep_rank in sorted({ep for ep, _ in topology.rank_layout}):
+        members = sorted((edp, rank) for rank, (ep, edp) in enumerate(topology.rank_layout) if ep == ep_rank)
+        slots.append((ep_rank, [rank for _, rank in members]))
+    return slots
 
 
 def _unshard_zero12(shards: list[dict], topology: Topology) -> tuple[dict, dict, object]:
-    """{key: {name: flat full tensor (or [E, ...] stacked later)}}, param groups, step."""
+    """{key: {name: {slot: flat tensor}}}, param groups, step."""
     first = shards[0]["optimizer_state_dict"]
-    groups = len(first["param_slice_mappings"])
     full: dict[str, dict[str, dict[int, torch.Tensor]]] = {key: {} for key in ("fp32",) + OPTIMIZER_KEYS}
     step = None
-    for index in range(groups):
-        names = list(first["param_slice_mappings"][index].keys())
-        for rank, shard in enumerate(shards):
-            names += [n for n in shard["optimizer_state_dict"]["param_slice_mappings"][index] if n not in names]
-        kind = _group_kind(names, topology)
-        ep_ranks = sorted({ep for ep, _ in topology.rank_layout}) if kind == "experts" else [None]
-        for ep_rank in ep_ranks:
+    for index in range(len(first["param_slice_mappings"])):
+        # A rank's mapping lists only the parameters with a fragment in its partition.
+        names = list(dict.fromkeys(name for shard in shards
+                                   for name in shard["optimizer_state_dict"]["param_slice_mappings"][index]))
+        for slot, ranks in _partitions(names, topology):
             for key in full:
                 pieces: dict[str, list[torch.Tensor]] = OrderedDict((name, []) for name in names)
-                for rank in _partition_ranks(topology, ep_rank):
+                for rank in ranks:
                     state = shards[rank]["optimizer_state_dict"]
                     flat = state["single_partition_of_fp32_groups"][index] if key == "fp32" else \
                         state["base_optimizer_state"]["state"][index][key]
@@ -92,9 +87,8 @@ def _unshard_zero12(shards: list[dict], topology: Topology) -> tuple[dict, dict,
                         pieces[name].append(flat.narrow(0, address.start, address.numel))
                     step = state["base_optimizer_state"]["state"][index].get("step", step)
                 for name, parts in pieces.items():
-                    full[key].setdefault(name, {})[ep_rank if ep_rank is not None else 0] = torch.cat(parts)
-    param_groups = first["base_optimizer_state"]["param_groups"]
-    return full, param_groups, step
+                    full[key].setdefault(name, {})[slot] = torch.cat(parts)
+    return full, first["base_optimizer_state"]["param_groups"], step
 
 
 def _unshard_zero3(shards: list[dict], param_shapes: list[dict], topology: Topology) -> tuple[dict, dict, object]:
@@ -102,10 +96,7 @@ def _unshard_zero3(shards: list[dict], param_shapes: list[dict], topology: Topol
     first = shards[0]["optimizer_state_dict"]
     step = None
     for index, shapes in enumerate(param_shapes):
-        kind = _group_kind(shapes.keys(), topology)
-        ep_ranks = sorted({ep for ep, _ in topology.rank_layout}) if kind == "experts" else [None]
-        for ep_rank in ep_ranks:
-            ranks = _partition_ranks(topology, ep_rank)
+        for slot, ranks in _partitions(shapes.keys(), topology):
             for rank in ranks:
                 info = shards[rank]["optimizer_state_dict"]["ds_zero_partition_groups"][index]
                 if list(info["partition_ranks"]) != ranks:
@@ -124,7 +115,7 @@ def _unshard_zero3(shards: list[dict], param_shapes: list[dict], topology: Topol
                     numel = math.prod(shape)
                     chunk = math.ceil(numel / len(ranks))
                     value = torch.cat([flat.narrow(0, offset, chunk) for flat in flats])[:numel]
-                    full[key].setdefault(name, {})[ep_rank if ep_rank is not None else 0] = value
+                    full[key].setdefault(name, {})[slot] = value
                     offset += chunk
                 if offset != flats[0].numel():
                     raise AutoEPCheckpointError(f"ZeRO-3 group {index}: shapes cover {offset} elements per rank, "

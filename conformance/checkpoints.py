@@ -13,7 +13,7 @@ import dataclasses
 import torch
 
 from conformance.models import CASES_BY_ID
-from conformance.training import ADAMW, TrainingSetup, deepspeed_config, micro_batch, process_globals_restored
+from conformance.training import TrainingSetup, build_engine, process_globals_restored, train_steps
 
 LOAD_MODES = {
     "full": {},
@@ -63,40 +63,21 @@ def differences(got: dict, want: dict, kinds) -> list[str]:
     return found
 
 
-def _engine(case_id: str, setup: TrainingSetup, dtype_name: str, seed: int):
-    import autoep
-
-    model = CASES_BY_ID[case_id].build(seed=seed, dtype=torch.float32).train()
-    optimizer = torch.optim.AdamW(model.parameters(), **ADAMW)
-    engine, *_ = autoep.initialize(model=model, optimizer=optimizer, config=deepspeed_config(setup, dtype_name))
-    return engine
-
-
-def _train(engine, batches, steps, setup):
-    import torch.distributed as dist
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    for step in steps:
-        ids = micro_batch(batches, step, 0, rank, world, setup)
-        engine.backward(engine(input_ids=ids, labels=ids).loss)
-        engine.step()
-
-
 def round_trip_on_rank(case_id: str, setup: TrainingSetup, dtype_name: str, folder: str, mode: str,
                        batches: torch.Tensor) -> list[str]:
     """Train 2 steps, save, take a 3rd step; a fresh engine (other initial weights) loads in
     ``mode`` and must hold the saved state bit for bit; after a full load its 3rd step must
     equal the uninterrupted one. Returns this rank's differences (empty: exact)."""
     with process_globals_restored():
-        engine = _engine(case_id, setup, dtype_name, seed=0)
-        _train(engine, batches, range(2), setup)
+        engine = build_engine(case_id, "autoep", dtype_name, 0, setup)
+        train_steps(engine, batches, range(2), setup)
         engine.save_checkpoint(folder, tag="saved")
         saved = engine_view(engine)
-        _train(engine, batches, [2], setup)
+        train_steps(engine, batches, [2], setup)
         continued = engine_view(engine)
         del engine
 
-        fresh = _engine(case_id, setup, dtype_name, seed=1)
+        fresh = build_engine(case_id, "autoep", dtype_name, 1, setup)
         path, _ = fresh.load_checkpoint(folder, tag="saved", **LOAD_MODES[mode])
         if path is None:
             return ["load_checkpoint loaded nothing"]
@@ -105,7 +86,7 @@ def round_trip_on_rank(case_id: str, setup: TrainingSetup, dtype_name: str, fold
         masters = {key: value for key, value in saved["optimizer"].items() if key.endswith(".master")}
         if mode == "full":
             found += [f"after load: {d}" for d in differences(loaded, saved, ["optimizer"])]
-            _train(fresh, batches, [2], setup)
+            train_steps(fresh, batches, [2], setup)
             found += [f"next step: {d}" for d in differences(engine_view(fresh), continued, list(continued))]
         else:  # the master weights must follow the loaded weights; the moments start afresh
             got = {key: loaded["optimizer"][key] for key in masters if key in loaded["optimizer"]}

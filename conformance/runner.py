@@ -99,6 +99,11 @@ def _run_training(cell: Cell, subject) -> dict:
         checks = compare_training(CASES_BY_ID[cell.case], subject, DTYPES[cell.dtype], setup, cell.world_size)
     except Exception:
         return {"status": "fail", "detail": traceback.format_exc()[-1500:]}
+    return _checks_record(checks)
+
+
+def _checks_record(checks: list) -> dict:
+    """The record of a cell judged by a list of comparisons against the reference."""
     failures = [str(check) for check in checks if not check.ok]
     return {"status": "pass" if not failures else "fail", "detail": "; ".join(failures[:5]),
             "max_abs_diff": {"subject~reference": max(check.max_abs_diff for check in checks)}}
@@ -117,9 +122,7 @@ def _run_checkpoint(cell: Cell, subject) -> dict:
                                       cell.resume_topology, folder, subject_name=subject.name)
     except Exception:
         return {"status": "fail", "detail": traceback.format_exc()[-1500:]}
-    failures = [str(check) for check in checks if not check.ok]
-    return {"status": "pass" if not failures else "fail", "detail": "; ".join(failures[:5]),
-            "max_abs_diff": {"subject~reference": max(check.max_abs_diff for check in checks)}}
+    return _checks_record(checks)
 
 
 def run_matrix(transformers: str, subject_name: str = "autoep", case_filter: str | None = None) -> list[dict]:

@@ -135,6 +135,39 @@ def process_globals_restored():
                 del registry[name]
 
 
+def build_engine(case_id: str, subject_name: str, dtype_name: str, seed: int, setup: TrainingSetup,
+                 load_universal: bool = False):
+    """Rank side: the subject's engine for the case's model (weights from ``seed``), with a
+    client AdamW unless the setup takes the optimizer from the config."""
+    from conformance.subjects import subject_by_name
+
+    model = CASES_BY_ID[case_id].build(seed=seed, dtype=torch.float32).train()
+    optimizer = torch.optim.AdamW(model.parameters(), **ADAMW) if setup.client_optimizer else None
+    config = deepspeed_config(setup, dtype_name)
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
+    return subject_by_name(subject_name).initialize(model, config, optimizer)
+
+
+def train_steps(engine, batches: torch.Tensor, steps, setup: TrainingSetup) -> list[float]:
+    """Rank side: one optimizer step per entry of ``steps`` (with gradient accumulation);
+    returns this rank's loss per step, averaged over its micro-batches."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    losses = []
+    for step in steps:
+        step_losses = []
+        for accum in range(setup.grad_accum):
+            ids = micro_batch(batches, step, accum, rank, world, setup)
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+            step_losses.append(float(loss.detach()))
+        losses.append(sum(step_losses) / len(step_losses))
+    return losses
+
+
 def train_on_rank(case_id: str, subject_name: str, dtype_name: str, seed: int, setup: TrainingSetup,
                   batches: torch.Tensor, first_step: int = 0, save_to: str | None = None,
                   load_universal: str | None = None) -> dict:
@@ -144,33 +177,16 @@ def train_on_rank(case_id: str, subject_name: str, dtype_name: str, seed: int, s
     a tag folder saved to at the end."""
     import os
 
-    import torch.distributed as dist
-
     from conformance.subjects import subject_by_name
 
     subject = subject_by_name(subject_name)
     with process_globals_restored():
-        model = CASES_BY_ID[case_id].build(seed=seed, dtype=torch.float32).train()
-        optimizer = torch.optim.AdamW(model.parameters(), **ADAMW) if setup.client_optimizer else None
-        config = deepspeed_config(setup, dtype_name)
-        if load_universal is not None:
-            config["checkpoint"] = {"load_universal": True}
-        engine = subject.initialize(model, config, optimizer)
+        engine = build_engine(case_id, subject_name, dtype_name, seed, setup, load_universal is not None)
         if load_universal is not None:
             path, _ = engine.load_checkpoint(os.path.dirname(load_universal), tag=os.path.basename(load_universal))
             if path is None:
                 raise RuntimeError(f"nothing was loaded from {load_universal}")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        losses = []
-        for step in range(first_step, setup.steps):
-            step_losses = []
-            for accum in range(setup.grad_accum):
-                ids = micro_batch(batches, step, accum, rank, world, setup)
-                loss = engine(input_ids=ids, labels=ids).loss
-                engine.backward(loss)
-                engine.step()
-                step_losses.append(float(loss.detach()))
-            losses.append(sum(step_losses) / len(step_losses))
+        losses = train_steps(engine, batches, range(first_step, setup.steps), setup)
         if save_to is not None:
             engine.save_checkpoint(os.path.dirname(save_to), tag=os.path.basename(save_to))
         return {"losses": losses, "params": subject.full_parameters(engine),

@@ -10,8 +10,8 @@ import pytest
 
 from autoep import launch
 from autoep.checkpoint import AutoEPCheckpointError, expert_file
-from conformance.checkpoints import LOAD_MODES, _engine, _train, differences, engine_view, round_trip_on_rank
-from conformance.training import TrainingSetup, global_batches, process_globals_restored
+from conformance.checkpoints import LOAD_MODES, differences, engine_view, round_trip_on_rank
+from conformance.training import TrainingSetup, build_engine, global_batches, process_globals_restored, train_steps
 
 pytestmark = pytest.mark.xdist_group("ranks")
 
@@ -40,8 +40,8 @@ def test_same_topology_round_trip_is_exact_in_bf16(stage, tmp_path):
 
 def save_on_rank(setup: TrainingSetup, folder: str) -> None:
     with process_globals_restored():
-        engine = _engine("mixtral", setup, "float32", seed=0)
-        _train(engine, global_batches(VOCAB, 4, setup), range(1), setup)
+        engine = build_engine("mixtral", "autoep", "float32", 0, setup)
+        train_steps(engine, global_batches(VOCAB, 4, setup), range(1), setup)
         engine.save_checkpoint(folder, tag="saved")
 
 
@@ -49,18 +49,8 @@ def failed_load_on_rank(setup: TrainingSetup, folder: str, case_id: str = "mixtr
                         tag: str = "saved") -> tuple[str, list[str]]:
     """(the error, what the failed load changed in this rank's engine). A tag other than
     "saved" is loaded as a Universal Checkpoint."""
-    import autoep
-    import torch
-    from conformance.models import CASES_BY_ID
-    from conformance.training import ADAMW, deepspeed_config
-
     with process_globals_restored():
-        model = CASES_BY_ID[case_id].build(seed=1).train()
-        config = deepspeed_config(setup, "float32")
-        if tag != "saved":
-            config["checkpoint"] = {"load_universal": True}
-        engine, *_ = autoep.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), **ADAMW),
-                                       config=config)
+        engine = build_engine(case_id, "autoep", "float32", 1, setup, load_universal=tag != "saved")
         before = engine_view(engine)
         try:
             engine.load_checkpoint(folder, tag=tag)
@@ -216,8 +206,8 @@ def export_on_rank(setup: TrainingSetup, folder: str, ids):
     from conformance.subjects import SUBJECTS
 
     with process_globals_restored():
-        engine = _engine("mixtral", setup, "float32", seed=0)
-        _train(engine, global_batches(VOCAB, 4, setup), range(2), setup)
+        engine = build_engine("mixtral", "autoep", "float32", 0, setup)
+        train_steps(engine, global_batches(VOCAB, 4, setup), range(2), setup)
         engine.save_checkpoint(folder, tag="saved")
         autoep.save_pretrained(engine, os.path.join(folder, "hf_live"))
         engine.module.eval()
