@@ -1,14 +1,16 @@
 """The rank process started by :class:`autoep.launch.RankPool` (``python -m autoep._rank_worker``).
 
-It connects back to the parent, joins the default process group through the parent's
-TCPStore, then runs ``(target, args, kwargs)`` requests until told to stop. Every outcome
-goes back as ``("ok", result)`` or ``("error", traceback)``.
+It connects back to the parent, receives the pool's secret key prefix over that
+(authenticated) connection, joins the default process group through the parent's TCPStore
+with every key under that prefix, then runs ``(target, args, kwargs)`` requests until told
+to stop. Every outcome goes back as ``("ok", result)`` or ``("error", traceback)``.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import signal
 import threading
 import time
 import traceback
@@ -20,9 +22,12 @@ from autoep.launch import receive, send
 
 def _exit_when_parent_dies(parent_pid: int) -> None:
     # A rank blocked in a collective never reads its connection again; this thread ends the
-    # process once the parent is gone (killed, crashed, Ctrl-C), so no rank outlives its pool.
+    # process once the parent is gone (killed, crashed, Ctrl-C), so no rank outlives its pool,
+    # and with it every process it started (the pool starts each rank as a process group leader).
     while True:
         if os.getppid() != parent_pid:
+            if os.getpgrp() == os.getpid():
+                os.killpg(os.getpid(), signal.SIGKILL)  # the group, this process included
             os._exit(3)
         time.sleep(0.5)
 
@@ -43,6 +48,7 @@ def main() -> None:
     host, port = env["AUTOEP_RANK_PARENT"].rsplit(":", 1)
     connection = Client((host, int(port)), authkey=bytes.fromhex(env["AUTOEP_RANK_AUTHKEY"]))
     send(connection, rank)
+    store_prefix = receive(connection)  # the pool's secret: every key of this job lives under it
     try:
         import torch
         import torch.distributed as dist
@@ -52,6 +58,7 @@ def main() -> None:
             torch.cuda.set_device(rank)
         store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size + 1, is_master=False,
                               timeout=timedelta(seconds=120))
+        store = dist.PrefixStore(store_prefix, store)
         dist.init_process_group(env["AUTOEP_BACKEND"], store=store, rank=rank, world_size=world_size)
         send(connection, ("ok", None))
     except BaseException:

@@ -15,6 +15,18 @@ import os
 import sys
 
 
+def _read_json_object(path: str, what: str) -> dict:
+    """A JSON file that must hold one object; any other content is a ValueError naming the file."""
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+    except ValueError as error:  # not JSON (or an integer too long to read)
+        raise ValueError(f"{what} {path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} must hold a JSON object, got a {type(data).__name__}")
+    return data
+
+
 def _build_meta_model(source: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -22,8 +34,9 @@ def _build_meta_model(source: str):
     if os.path.isdir(source):  # a model folder holding config.json
         config = AutoConfig.from_pretrained(source)
     elif os.path.isfile(source):  # a config.json file
-        with open(source) as handle:
-            data = json.load(handle)
+        data = _read_json_object(source, "model config")
+        if not isinstance(data.get("model_type"), str):
+            raise ValueError(f"model config {source} has no \"model_type\" string (e.g. \"mixtral\")")
         config = AutoConfig.for_model(data.pop("model_type"), **data)
     else:
         config = AutoConfig.for_model(source)
@@ -48,8 +61,7 @@ def cmd_inspect(args) -> int:
 
     block = None
     if args.ep_config:
-        with open(args.ep_config) as handle:
-            data = json.load(handle)
+        data = _read_json_object(args.ep_config, "--ep-config")
         block = data.get("expert_parallel", data)
     model = _build_meta_model(args.model)
     specs = autoep.inspect(model, block)
@@ -100,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, OSError) as error:
+    except (ValueError, RuntimeError, OSError) as error:  # AutoEPConfigError, DetectionError are ValueErrors
         print(f"autoep {args.command}: error: {error}", file=sys.stderr)
         return 2
 

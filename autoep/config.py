@@ -67,19 +67,19 @@ class AutoEPConfig:
             return cls()
         if not isinstance(block, Mapping):
             raise AutoEPConfigError(
-                f"expert_parallel must be a JSON object (dict), got {type(block).__name__}: {block!r}")
+                f"expert_parallel must be a JSON object (dict), got {type(block).__name__}: {show(block)}")
         known = [f.name for f in fields(cls)]
         for key in block:
             if key in known:
                 continue
             if key in _DEEPSPEED_ONLY_KEYS:
                 raise AutoEPConfigError(
-                    f"expert_parallel.{key}={block[key]!r} is a tuning key of DeepSpeed's built-in AutoEP "
+                    f"expert_parallel.{key}={show(block[key])} is a tuning key of DeepSpeed's built-in AutoEP "
                     f"that autoep does not implement; remove it from the config.")
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise AutoEPConfigError(
-                f"expert_parallel has unknown key {key!r} (value {block[key]!r}).{hint} "
+                f"expert_parallel has unknown key {show(key)} (value {show(block[key])}).{hint} "
                 f"Known keys: {', '.join(known)}.")
         values = {key: _check(key, block[key]) for key in block}
         config = cls(**values)
@@ -92,58 +92,87 @@ class AutoEPConfig:
     def _validate(self) -> None:
         if self.autoep_size < 1:
             raise AutoEPConfigError(
-                f"expert_parallel.autoep_size must be an integer >= 1, got {self.autoep_size!r}.")
+                f"expert_parallel.autoep_size must be an integer >= 1, got {show(self.autoep_size)}.")
         if self.load_balance_coeff is not None:
             raise AutoEPConfigError(
-                f"expert_parallel.load_balance_coeff={self.load_balance_coeff!r} is not supported: "
+                f"expert_parallel.load_balance_coeff={show(self.load_balance_coeff)} is not supported: "
                 "auxiliary-loss-free load balancing (expert-bias updates) is not implemented. "
                 "Set it to null or remove the key.")
         if self.expert_tensor_parallel_size != 1:
             raise AutoEPConfigError(
-                f"expert_parallel.expert_tensor_parallel_size={self.expert_tensor_parallel_size!r} is not "
+                f"expert_parallel.expert_tensor_parallel_size={show(self.expert_tensor_parallel_size)} is not "
                 "supported; only 1 (experts are not tensor-parallel) is. Set it to 1 or remove the key.")
         if self.expert_w3 is not None:
             raise AutoEPConfigError(
-                f"expert_parallel.expert_w3={self.expert_w3!r}: a separate up-projection is not supported; "
+                f"expert_parallel.expert_w3={show(self.expert_w3)}: a separate up-projection is not supported; "
                 "Transformers 5.x stores experts fused as gate_up_proj [E, 2I, H]. Remove the key (or set null).")
         if self.preset_model is not None:
             from autoep.presets import PRESETS
 
             if self.preset_model not in PRESETS:
                 raise AutoEPConfigError(
-                    f"expert_parallel.preset_model={self.preset_model!r} is not a known preset. "
+                    f"expert_parallel.preset_model={show(self.preset_model)} is not a known preset. "
                     f"Available presets: {', '.join(sorted(PRESETS))}.")
         if self.route_scale != 1.0 and self.routed_scaling_factor != AUTO:
             raise AutoEPConfigError(
-                f"expert_parallel.route_scale={self.route_scale!r} and "
-                f"expert_parallel.routed_scaling_factor={self.routed_scaling_factor!r} both set the routing "
+                f"expert_parallel.route_scale={show(self.route_scale)} and "
+                f"expert_parallel.routed_scaling_factor={show(self.routed_scaling_factor)} both set the routing "
                 "scale; set only routed_scaling_factor.")
         if (self.num_expert_groups is None) != (self.num_limited_groups is None):
             raise AutoEPConfigError(
                 "expert_parallel.num_expert_groups and expert_parallel.num_limited_groups must be set together "
-                f"(got num_expert_groups={self.num_expert_groups!r}, num_limited_groups={self.num_limited_groups!r}).")
+                f"(got num_expert_groups={show(self.num_expert_groups)}, "
+                f"num_limited_groups={show(self.num_limited_groups)}).")
         if self.moe_layer_pattern is not None:
             import re
 
             try:
                 re.compile(self.moe_layer_pattern)
-            except re.error as error:
+            except (re.error, OverflowError, RecursionError) as error:  # e.g. a{99999999999}, deep nesting
                 raise AutoEPConfigError(
-                    f"expert_parallel.moe_layer_pattern={self.moe_layer_pattern!r} is not a valid regular "
-                    f"expression: {error}.") from None
+                    f"expert_parallel.moe_layer_pattern={show(self.moe_layer_pattern)} is not a valid Python "
+                    f"regular expression: {type(error).__name__}: {error}.") from None
+
+
+# Integer keys count ranks, experts or groups; a larger value is never meaningful, and an int
+# of thousands of digits cannot even be printed in an error message (Python's int-to-str limit).
+MAX_INT = 2**31 - 1
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool) and value <= MAX_INT
 
 
 def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+    """A finite int or float (not a bool). An int beyond the float range is not: the routing
+    scale is used as a float."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large to convert to float
+        return False
+
+
+_SHOW_CHARS = 120
+
+
+def show(value: Any) -> str:
+    """``repr`` of a config value for an error message, bounded: a hostile value (an int of
+    thousands of digits, a huge or deeply nested list) must not make the message itself fail
+    or flood the terminal."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"<an integer of {value.bit_length()} bits>"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        return f"<a {type(value).__name__} too large to print>"
+    return text if len(text) <= _SHOW_CHARS else text[:_SHOW_CHARS - 3] + "..."
 
 
 def _expect(key: str, value: Any, ok: bool, allowed: str) -> Any:
     if not ok:
-        raise AutoEPConfigError(f"expert_parallel.{key} must be {allowed}, got {value!r} ({type(value).__name__}).")
+        raise AutoEPConfigError(f"expert_parallel.{key} must be {allowed}, got {show(value)} ({type(value).__name__}).")
     return value
 
 
@@ -161,16 +190,18 @@ def _check(key: str, value: Any) -> Any:
     if key in ("has_shared_experts", "route_norm"):
         return _expect(key, value, value is None or isinstance(value, bool), "true, false or null")
     if key in ("autoep_size", "expert_tensor_parallel_size"):
-        return _expect(key, value, _is_int(value), "an integer")
+        return _expect(key, value, _is_int(value), f"an integer <= {MAX_INT}")
     if key in _STRING_OR_NULL:
         return _expect(key, value, value is None or (isinstance(value, str) and value != ""),
                        "a non-empty string or null")
     if key in _POSITIVE_INT_OR_NULL:
-        return _expect(key, value, value is None or (_is_int(value) and value >= 1), "a positive integer or null")
+        return _expect(key, value, value is None or (_is_int(value) and value >= 1),
+                       f"a positive integer <= {MAX_INT} or null")
     if key == "score_func":
         return _expect(key, value, value in (AUTO, "softmax", "sigmoid"), '"auto", "softmax" or "sigmoid"')
     if key == "top_k":
-        return _expect(key, value, value == AUTO or (_is_int(value) and value >= 1), '"auto" or an integer >= 1')
+        return _expect(key, value, value == AUTO or (_is_int(value) and value >= 1),
+                       f'"auto" or an integer >= 1 and <= {MAX_INT}')
     if key == "route_scale":
         return float(_expect(key, value, _is_number(value) and value > 0, "a finite number > 0"))
     if key == "routed_scaling_factor":

@@ -10,7 +10,10 @@ rank::
 - Device and backend are chosen in one place, :func:`backend_for`: gloo on CPU, NCCL on
   CUDA (rank r uses ``cuda:r``).
 - The rendezvous is a ``TCPStore`` held by this (parent) process and bound to port 0, so
-  the OS picks a free port and no two pools can collide.
+  the OS picks a free port and no two pools can collide. The store accepts any client that
+  reaches its port, so each pool has a secret: a random key prefix, sent to its ranks over
+  their authenticated connections (never through the environment), under which the ranks
+  keep every key (a ``PrefixStore``); a stray client cannot name, read or overwrite them.
 - A rank that raises sends back its traceback; the call raises :class:`RankError` with
   every rank's outcome. When every rank came back (each raised or returned), the pool stays
   usable; when a rank had to be killed (still running after another failed), or the call
@@ -18,7 +21,10 @@ rank::
   killed, since ranks left inside a collective cannot be reused; :func:`shared_pool` then
   starts a fresh pool on next use.
 - Rank processes exit when this process exits or dies (a watchdog thread polls the parent
-  pid), so no process is ever left behind.
+  pid), so no process is ever left behind. Each rank runs in its own session (process
+  group), and closing the pool (or the watchdog) ends the whole group: what a rank started
+  (a data-loader worker, a subprocess) goes with it, unless it left the group itself
+  (``setsid``).
 - Pools are reused: :func:`shared_pool` keeps one pool per (world size, device) for the
   life of the process; starting ranks (interpreter + torch import) costs seconds, a call
   on a warm pool milliseconds.
@@ -33,6 +39,7 @@ import atexit
 import os
 import pickle
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -121,6 +128,7 @@ class RankPool:
         self.closed = False
         self._store = dist.TCPStore(HOST, 0, world_size + 1, is_master=True, wait_for_workers=False,
                                     timeout=timedelta(seconds=start_timeout))
+        self._store_prefix = f"autoep-{secrets.token_hex(16)}"  # the pool's secret (module docstring)
         authkey = secrets.token_bytes(16)
         self._listener = Listener((HOST, 0), authkey=authkey)
         child_env = {**os.environ, **(env or {}),
@@ -134,7 +142,7 @@ class RankPool:
         self._ranks: list[_Rank] = []
         try:
             for rank in range(world_size):
-                process = subprocess.Popen([sys.executable, "-m", "autoep._rank_worker"],
+                process = subprocess.Popen([sys.executable, "-m", "autoep._rank_worker"], start_new_session=True,
                                            env={**child_env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
                 self._ranks.append(_Rank(process))
             self._accept(start_timeout)
@@ -158,6 +166,7 @@ class RankPool:
                 while len(by_rank) < self.world_size:
                     connection = self._listener.accept()
                     by_rank[receive(connection)] = connection
+                    send(connection, self._store_prefix)
             except BaseException as error:  # the listener was closed below, or a bad handshake
                 errors.append(error)
 
@@ -246,14 +255,13 @@ class RankPool:
                     send(rank.connection, None)
                 except Exception:
                     kill = True
-            for rank in self._ranks:
-                try:
-                    rank.process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    pass
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not all(_exited(rank.process.pid) for rank in self._ranks):
+                time.sleep(0.05)
         for rank in self._ranks:
-            if rank.process.poll() is None:
-                rank.process.kill()
+            # The rank (if still running) and whatever it started. The rank is not reaped yet,
+            # so its pid, which is its process group's id, cannot have been reused.
+            _kill_process_group(rank.process.pid)
             rank.process.wait()
             if rank.connection is not None:
                 rank.connection.close()
@@ -267,6 +275,21 @@ class RankPool:
 
     def __exit__(self, *exc) -> None:
         self.close(kill=exc[0] is not None)
+
+
+def _exited(pid: int) -> bool:
+    """Whether child ``pid`` has exited, without reaping it."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # already reaped
+        return True
+
+
+def _kill_process_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:  # every process of the group is gone
+        pass
 
 
 _SHARED: dict[tuple[int, str], RankPool] = {}

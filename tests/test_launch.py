@@ -176,3 +176,63 @@ def test_groups_on_four_ranks():
     assert [r["ep_rank"] for r in result] == [0, 1, 0, 1]
     assert [r["sums"] for r in result] == [[1.0, 2.0], [1.0, 4.0], [5.0, 2.0], [5.0, 4.0]]
     assert all(r["cached"] for r in result)
+
+
+# ------------------------------------------------------------ process groups and the store secret
+
+def spawn_sleeper() -> int:
+    """Start a grandchild (like a data-loader worker) that outlives this call; return its pid."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]).pid
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["close", "close-kill"])
+def test_close_ends_every_process_a_rank_started(kill):
+    pool = launch.RankPool(2)
+    try:
+        sleepers = pool.run(spawn_sleeper)
+        assert all(_alive(pid) for pid in sleepers)
+    finally:
+        pool.close(kill=kill)
+    assert _wait_gone(pool.pids + sleepers) == []  # before the fix, the sleepers lived on
+
+
+def store_exchange(role: str, value: str = "") -> str | None:
+    """Rank 0 publishes ``value`` through the job's store; later rank 1 reads it back."""
+    store = dist.distributed_c10d._get_default_store()
+    if role == "publish" and dist.get_rank() == 0:
+        store.set("payload", value)
+    if role == "read" and dist.get_rank() == 1:
+        return store.get("payload").decode()
+    return None
+
+
+def new_group_sum() -> float:
+    """A new process group's rendezvous goes through the store; rank 1 comes late, so rank 0
+    reads rank 1's address key before rank 1 writes it (it would read a planted one)."""
+    if dist.get_rank() == 1:
+        time.sleep(1.0)
+    group = dist.new_group([0, 1])
+    value = torch.tensor([dist.get_rank() + 1.0])
+    dist.all_reduce(value, group=group)
+    return float(value)
+
+
+# Keys a job without the secret uses in the raw store: the default group's store is prefixed
+# "0/" by torch, the first new group's gloo rendezvous keys are "0//1//cpu//0/<rank>".
+_PLAUSIBLE_KEYS = ["payload", "0//payload", "0//1//cpu//0/0", "0//1//cpu//0/1", "0//cpu//0/0", "0//cpu//0/1"]
+
+
+def test_a_stray_store_client_cannot_disturb_a_run():
+    from datetime import timedelta
+
+    with launch.RankPool(2) as pool:
+        stray = dist.TCPStore(launch.HOST, pool._store.port, is_master=False, wait_for_workers=False,
+                              timeout=timedelta(seconds=10))  # any local process can connect
+        pool.run(store_exchange, "publish", "genuine")
+        for key in _PLAUSIBLE_KEYS:
+            stray.set(key, "planted by a stray client")
+        assert pool.run(store_exchange, "read") == [None, "genuine"]
+        assert pool.run(new_group_sum, timeout=60) == [3.0, 3.0]
+        for key in _PLAUSIBLE_KEYS:
+            stray.delete_key(key)
+        assert pool.run(rank_facts, 1.0)[0]["sum"] == 3.0  # the pool still works
