@@ -13,14 +13,34 @@ So next to DeepSpeed's files, in the same tag folder, AutoEP writes:
 
 Everything is written to a temporary name and renamed into place, so a file either exists
 whole or not at all. This module knows nothing of DeepSpeed's engine; ``autoep.engine`` calls it.
+
+Checkpoint folders come from elsewhere, so reading one is guarded:
+
+- every checkpoint file is unpickled with ``weights_only=True`` and an allow-list of the few
+  DeepSpeed classes its files hold (:data:`ALLOWED_GLOBALS`); a file that needs any other
+  global is refused, naming the file and the global (:func:`load_file`, :func:`safe_loading`);
+- after a save, the topology record lists every file of the tag folder with its size and
+  SHA-256 (:func:`record_files`); loads, conversion and export check them first and name the
+  file that differs (:func:`check_files`). A record without them still loads, with a warning;
+- a tag (or the content of ``latest``) must name a folder inside the checkpoint folder
+  (:func:`tag_folder`);
+- a temporary left by a killed writer is removed by the next writer of the same output
+  (:func:`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import pickle
+import re
+import shutil
+import socket
+import warnings
 from dataclasses import asdict, dataclass
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -36,14 +56,279 @@ class AutoEPCheckpointError(RuntimeError):
     """A checkpoint AutoEP cannot load here (another topology, a missing or damaged file)."""
 
 
-def load_file(path: str, weights_only: bool = True):
-    """``torch.load`` on CPU, with an error naming the file when it is missing or damaged."""
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint whose topology record lists no file checksums (saved before they were
+    recorded): it loads, but damage to its files cannot be detected."""
+
+
+# The globals DeepSpeed 0.19.8's checkpoint files pickle besides tensors and plain containers,
+# measured with torch.serialization.get_unsafe_globals_in_checkpoint on checkpoints saved at ZeRO
+# 0-3, float32 and bf16, client and config optimizers: the ZeRO stage (an Enum) and the loss
+# scaler in every *optim_states.pt file at ZeRO 1-3, a fragment address per parameter in
+# param_slice_mappings at ZeRO 1-2; model-states files and AutoEP's files hold none. Under fp16
+# the loss scaler is a DynamicLossScaler (read in DeepSpeed's code; fp16 does not run on CPU).
+ALLOWED_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+)
+
+
+def _allowed_classes() -> list:
+    import importlib
+
+    classes = []
+    for qualified in ALLOWED_GLOBALS:
+        module, name = qualified.rsplit(".", 1)
+        classes.append(getattr(importlib.import_module(module), name))
+    return classes
+
+
+def _refusal(path: str, names: Iterable[str]) -> AutoEPCheckpointError:
+    allowed = ", ".join(name.rsplit(".", 1)[1] for name in ALLOWED_GLOBALS)
+    return AutoEPCheckpointError(
+        f"{path} needs {', '.join(sorted(set(names)))} to be unpickled; AutoEP loads only tensors, plain "
+        f"containers and DeepSpeed's {allowed} from checkpoint files: refused, nothing in it was run (a crafted "
+        "or foreign file? load the files the training job saved)")
+
+
+def unsafe_globals(path: str) -> list[str]:
+    """The globals a torch.save file would unpickle beyond torch's safe set and the allow-list,
+    read statically from its pickle (nothing is run); an error when the file is not a readable
+    torch.save archive (missing, truncated, damaged)."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(4) != b"PK\x03\x04":  # not a zip archive: torch's legacy format (or junk)
+                return []  # load_file's weights-only load is then the check
+        found = get_unsafe_globals_in_checkpoint(path)
+    except Exception as error:  # zipfile, pickle and torch raise several types
+        raise AutoEPCheckpointError(f"{path} cannot be read (truncated or damaged?): {error}") from error
+    return sorted(set(found) - set(ALLOWED_GLOBALS))
+
+
+@contextlib.contextmanager
+def safe_loading():
+    """While active, every ``torch.load`` in this process (DeepSpeed's included, which pass
+    ``weights_only=False``) unpickles with ``weights_only=True`` and :data:`ALLOWED_GLOBALS`
+    (torch's documented ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` switch)."""
+    import torch.serialization
+
+    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        with torch.serialization.safe_globals(_allowed_classes()):
+            yield
+    finally:
+        if before is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = before
+
+
+def load_file(path: str):
+    """``torch.load`` on CPU with ``weights_only=True`` and the allow-list; an error naming the
+    file when it is missing or damaged, and naming the file and the global when it needs any
+    other class or function."""
     if not os.path.isfile(path):
         raise AutoEPCheckpointError(f"{path} is missing: the checkpoint is incomplete")
+    refused = unsafe_globals(path)
+    if refused:
+        raise _refusal(path, refused)
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        with safe_loading():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # the weights-only unpickler refused something
+        names = re.findall(r"GLOBAL ([\w.]+)", str(error))
+        if names:
+            raise _refusal(path, names) from None
+        raise AutoEPCheckpointError(f"{path} cannot be read safely: {str(error).splitlines()[0]}") from None
     except Exception as error:  # torch raises several types for a truncated or corrupt file
         raise AutoEPCheckpointError(f"{path} cannot be read (truncated or damaged?): {error}") from error
+
+
+# ---- where a checkpoint's files are --------------------------------------------------------
+
+def tag_folder(base: str, tag, what: str = "tag") -> str:
+    """``base/tag``, refused unless it names a folder inside ``base`` (no absolute path, no
+    '..', no symbolic link leading out): a tag, or the content of ``latest``, comes with the
+    checkpoint folder and must not point a load elsewhere."""
+    text = str(tag)
+    parts = re.split(r"[\\/]", text)
+    if not text.strip() or os.path.isabs(text) or ".." in parts:
+        raise AutoEPCheckpointError(
+            f"{what} {text!r} must name a folder inside {base} (a relative name without '..', e.g. "
+            "global_step100): refused, nothing was loaded")
+    folder = os.path.join(base, text)
+    real_base, real_folder = os.path.realpath(base), os.path.realpath(folder)
+    if os.path.commonpath([real_base, real_folder]) != real_base:
+        raise AutoEPCheckpointError(
+            f"{what} {text!r} resolves to {real_folder}, outside {base} (through a symbolic link): refused, "
+            "nothing was loaded")
+    return folder
+
+
+def read_latest(base: str, name: str = "latest") -> str | None:
+    """The tag named by ``base/name`` (None when there is no such file), checked by :func:`tag_folder`."""
+    path = os.path.join(base, name)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        tag = handle.read().strip()
+    tag_folder(base, tag, f"{path} names tag")
+    return tag
+
+
+def write_latest(base: str, tag: str, name: str = "latest") -> None:
+    _atomic_write(os.path.join(base, name), lambda path: _write_text(path, tag))
+
+
+def model_files(topology: "Topology") -> list[str]:
+    """DeepSpeed's model-states files of a tag folder saved with ``topology``."""
+    if topology.zero_stage == 3:
+        return [f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" for rank in range(topology.world_size)]
+    return ["mp_rank_00_model_states.pt"]
+
+
+def optimizer_file(topology: "Topology", rank: int) -> str:
+    """DeepSpeed's ZeRO 1-3 optimizer shard of global rank ``rank`` (bf16 runs prefix ``bf16_``)."""
+    prefix = "bf16_" if topology.dtype == "bfloat16" else ""
+    return f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+
+
+def expected_files(topology: "Topology") -> list[str]:
+    """The files every tag folder saved with ``topology`` holds (DeepSpeed's and AutoEP's)."""
+    names = model_files(topology)
+    if topology.zero_stage >= 1:
+        names += [optimizer_file(topology, rank) for rank in range(topology.world_size)]
+    if topology.zero_stage < 3:
+        names += [expert_file(ep) for ep in sorted({ep for ep, _ in topology.rank_layout})]
+    return names
+
+
+# ---- file checksums --------------------------------------------------------------------------
+
+def file_digest(path: str) -> dict:
+    """{"size": bytes, "sha256": hex digest} of one file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def folder_files(folder: str) -> list[str]:
+    """Every regular file under ``folder`` (relative, '/'-separated, sorted), except the
+    topology record itself and writers' temporaries."""
+    names = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            relative = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+            if relative != TOPOLOGY_FILE and _TEMPORARY.search(name) is None:
+                names.append(relative)
+    return sorted(names)
+
+
+def record_files(folder: str, names: Iterable[str]) -> dict[str, dict]:
+    """{relative name: :func:`file_digest`} for ``names`` in ``folder``."""
+    return {name: file_digest(os.path.join(folder, name)) for name in names}
+
+
+def check_files(folder: str, topology: "Topology | None", names: Iterable[str], rank: int = 0,
+                world: int = 1) -> list[str]:
+    """What is wrong with the files ``names`` of ``folder`` (an empty list when nothing), for
+    this rank's share: every rank checks that each file exists and has the recorded size; rank
+    ``rank`` of ``world`` also checks every ``world``-th file's SHA-256 against the record and
+    that it is a readable torch archive needing no global beyond the allow-list. Without a
+    recorded checksum (an older record) a warning says the files cannot be verified."""
+    recorded = topology.files if topology is not None else None
+    if recorded is None:
+        warnings.warn(f"{folder}: the checkpoint records no file checksums (saved by an older autoep or not by "
+                      "autoep); damage to its files cannot be detected", UnverifiedCheckpointWarning, stacklevel=2)
+        recorded = {}
+    problems = []
+    for index, name in enumerate(sorted(set(names))):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            problems.append(f"{path} is missing (an incomplete checkpoint)")
+            continue
+        record = recorded.get(name)
+        if record is not None and os.path.getsize(path) != record["size"]:
+            problems.append(f"{path} is {os.path.getsize(path)} bytes, the checkpoint recorded {record['size']} "
+                            "(truncated or overwritten)")
+            continue
+        if index % world != rank:
+            continue
+        if record is not None and file_digest(path)["sha256"] != record["sha256"]:
+            problems.append(f"{path} differs from the checkpoint's recorded SHA-256 (corrupted or modified "
+                            "after the save)")
+            continue
+        if name.endswith(".pt"):
+            try:
+                refused = unsafe_globals(path)
+            except AutoEPCheckpointError as error:
+                problems.append(str(error))
+                continue
+            if refused:
+                problems.append(str(_refusal(path, refused)))
+    return problems
+
+
+def verify_files(folder: str, topology: "Topology", names: Iterable[str]) -> None:
+    """:func:`check_files` for a single process (the offline tools): an error naming every file
+    that differs."""
+    problems = check_files(folder, topology, names)
+    if problems:
+        raise AutoEPCheckpointError(f"checkpoint {folder} failed verification: {'; '.join(problems)}")
+
+
+# ---- temporaries -----------------------------------------------------------------------------
+
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+# "<final>.tmp-<pid>" (older writers) or "<final>.tmp-<host>-<pid>".
+_TEMPORARY = re.compile(r"\.tmp-(?:(?P<host>[A-Za-z0-9_.]+)-)?(?P<pid>\d+)$")
+
+
+def temporary_path(final: str) -> str:
+    """Where this process writes ``final`` before renaming it into place."""
+    return f"{final}.tmp-{_HOST}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_stale_temporaries(final: str) -> list[str]:
+    """Remove the temporaries of ``final`` left by writers on this host that are no longer
+    running (killed mid-write); a running writer's, and another host's, are left alone.
+    Returns the paths removed."""
+    parent, base = os.path.split(os.path.abspath(final))
+    removed = []
+    if not os.path.isdir(parent):
+        return removed
+    for entry in os.listdir(parent):
+        if not entry.startswith(base + ".tmp-"):
+            continue
+        match = _TEMPORARY.fullmatch(entry[len(base):])
+        if match is None or match["host"] not in (None, _HOST) or _alive(int(match["pid"])):
+            continue
+        path = os.path.join(parent, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        removed.append(path)
+    return removed
 
 
 def write_model_config(folder: str, model: nn.Module) -> None:
@@ -71,6 +356,9 @@ class Topology:
     experts: dict[str, int]  # expert parameter name -> number of experts (dim 0 of the full tensor)
     rank_layout: list[list[int]]  # per global rank: [EP rank, EDP rank]
     format_version: int = FORMAT_VERSION
+    # relative file name -> {"size", "sha256"}: every file of the tag folder, recorded after the
+    # save (None: not recorded, e.g. a record written before the files)
+    files: dict[str, dict] | None = None
 
     def describe(self) -> str:
         counts = sorted({layer["num_experts"] for layer in self.layers.values()})
@@ -98,7 +386,8 @@ def model_topology(model: nn.Module, world_size: int, autoep_size: int, zero_sta
 
 
 def _atomic_write(path: str, write) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
+    remove_stale_temporaries(path)
+    temporary = temporary_path(path)
     try:
         write(temporary)
         os.replace(temporary, path)
@@ -144,12 +433,14 @@ def check_same_topology(folder: str, current: Topology) -> Topology:
     return saved
 
 
-def check_same_model(folder: str, current: Topology) -> None:
+def check_same_model(folder: str, current: Topology) -> Topology | None:
     """For a Universal load: world size and autoep_size may change; the MoE layers, their
-    presets and expert counts may not."""
+    presets and expert counts may not. The saved topology, or None when there is none."""
     if not os.path.isfile(os.path.join(folder, TOPOLOGY_FILE)):
-        return  # a Universal Checkpoint not written by autoep.to_universal: DeepSpeed checks shapes
-    _check_model(folder, read_topology(folder), current)
+        return None  # a Universal Checkpoint not written by autoep.to_universal: DeepSpeed checks shapes
+    saved = read_topology(folder)
+    _check_model(folder, saved, current)
+    return saved
 
 
 def _check_model(folder: str, saved: Topology, current: Topology) -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -46,7 +47,7 @@ from torch import nn
 
 from autoep import checkpoint
 from autoep.api import apply, inspect, replaced_layers
-from autoep.config import AutoEPConfig, AutoEPConfigError
+from autoep.config import AutoEPConfig, AutoEPConfigError, show
 from autoep.groups import ExpertParallelGroups, check_autoep_size
 from autoep.layer import AutoEPMoELayer
 
@@ -90,23 +91,51 @@ def load_deepspeed_config(args=None, config=None, config_params=None) -> dict:
     return copy.deepcopy(dict(config))
 
 
+def _section(ds_config: Mapping, key: str) -> Mapping:
+    """A sub-object of the DeepSpeed config (``{}`` when absent); anything else is refused."""
+    value = ds_config.get(key, {})
+    if not isinstance(value, Mapping):
+        raise AutoEPConfigError(
+            f"{key}={show(value)} ({type(value).__name__}): must be a JSON object (dict); give an object "
+            "or remove the key.")
+    return value
+
+
+def _setting(section: Mapping, path: str, default: Any, kind: str) -> Any:
+    """``section[last part of path]`` type-checked: kind ``"int"`` (not a bool) or ``"bool"``.
+    ``path`` is the key's full dotted path in the DeepSpeed config, for the message."""
+    value = section.get(path.rsplit(".", 1)[-1], default)
+    ok = isinstance(value, bool) if kind == "bool" else isinstance(value, int) and not isinstance(value, bool)
+    if not ok:
+        allowed = "true or false" if kind == "bool" else "an integer"
+        raise AutoEPConfigError(
+            f"{path}={show(value)} ({type(value).__name__}): must be {allowed}; fix the value or remove the key.")
+    return value
+
+
 def _zero_stage(ds_config: Mapping) -> int:
-    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    stage = _setting(_section(ds_config, "zero_optimization"), "zero_optimization.stage", 0, "int")
     if stage not in (0, 1, 2, 3):
-        raise AutoEPConfigError(f"zero_optimization.stage={stage!r}: AutoEP supports ZeRO stages 0, 1, 2 and 3")
+        raise AutoEPConfigError(f"zero_optimization.stage={show(stage)}: AutoEP supports ZeRO stages 0, 1, 2 and 3")
     return stage
 
 
 def _reject(key: str, value: Any, why: str, fix: str) -> None:
-    raise AutoEPConfigError(f"{key}={value!r}: {why}; {fix}.")
+    raise AutoEPConfigError(f"{key}={show(value)}: {why}; {fix}.")
 
 
 def validate_deepspeed_config(ds_config: Mapping, mpu=None) -> None:
     """Every DeepSpeed setting AutoEP cannot run with. Reads the config only (and ``mpu``'s
-    tensor-parallel size): call before anything is created."""
+    tensor-parallel size): call before anything is created. Every key read here is
+    type-checked first (a wrongly typed or null value is refused, naming its path)."""
     stage = _zero_stage(ds_config)
-    zero = ds_config.get("zero_optimization", {})
-    autotp = ds_config.get("tensor_parallel", {}).get("autotp_size", 0) or 0
+    zero = _section(ds_config, "zero_optimization")
+    autotp = _setting(_section(ds_config, "tensor_parallel"), "tensor_parallel.autotp_size", 0, "int")
+    hpz = _setting(zero, "zero_optimization.zero_hpz_partition_size", 1, "int")
+    sequence = _setting(ds_config, "sequence_parallel_size", 1, "int")
+    quantized = _setting(zero, "zero_optimization.zero_quantized_gradients", False, "bool")
+    hybrid = _setting(_section(ds_config, "hybrid_engine"), "hybrid_engine.enabled", False, "bool")
+    _setting(ds_config, "use_data_before_expert_parallelism", False, "bool")
     if autotp > 1:
         _reject("tensor_parallel.autotp_size", autotp, "AutoEP cannot be combined with AutoTP yet",
                 "set it to 0 or 1, or disable expert_parallel")
@@ -118,22 +147,20 @@ def validate_deepspeed_config(ds_config: Mapping, mpu=None) -> None:
             _reject("mpu (tensor model parallel world size)", tp_size,
                     "AutoEP cannot be combined with tensor model parallelism from mpu yet",
                     "pass mpu=None (pure data parallelism), or disable expert_parallel")
-    mics = zero.get("mics_shard_size", -1)
-    if mics is not None and mics > 0:
-        _reject("zero_optimization.mics_shard_size", mics, "AutoEP does not support MiCS",
-                "remove it (or set -1)")
-    if ds_config.get("hybrid_engine", {}).get("enabled", False):
+    if "mics_shard_size" in zero:
+        # DeepSpeed 0.19.8 refuses the key itself (MiCS was removed), whatever its value.
+        _reject("zero_optimization.mics_shard_size", zero["mics_shard_size"],
+                "AutoEP does not support MiCS (and DeepSpeed 0.19.8 removed it)", "remove the key")
+    if hybrid:
         _reject("hybrid_engine.enabled", True, "AutoEP does not support DeepSpeed's hybrid engine", "disable it")
     if stage == 3:
-        hpz = zero.get("zero_hpz_partition_size", 1)
-        if hpz is not None and hpz > 1:
+        if hpz > 1:
             _reject("zero_optimization.zero_hpz_partition_size", hpz,
                     "AutoEP with ZeRO stage 3 does not support hpZeRO secondary tensor groups", "set it to 1")
-        sequence = ds_config.get("sequence_parallel_size", 1)
-        if sequence is not None and sequence > 1:
+        if sequence > 1:
             _reject("sequence_parallel_size", sequence,
                     "AutoEP with ZeRO stage 3 does not support sequence parallelism", "set it to 1")
-        if zero.get("zero_quantized_gradients", False):
+        if quantized:
             _reject("zero_optimization.zero_quantized_gradients", True,
                     "AutoEP with ZeRO stage 3 does not support quantized gradients", "set it to false")
 
@@ -192,7 +219,6 @@ def _prepare_client_optimizer(optimizer: torch.optim.Optimizer, replaced: dict[i
 
 
 def _engine_class():
-    from deepspeed.moe.layer import MoE
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     class AutoEPEngine(DeepSpeedEngine):
@@ -245,10 +271,11 @@ def _engine_class():
             if not replaced_layers(self.module):
                 return super().save_checkpoint(save_dir, tag, client_state, save_latest, exclude_frozen_parameters)
             tag = str(tag if tag is not None else f"global_step{self.global_steps}")  # DeepSpeed's default
-            folder = os.path.join(save_dir, tag)
+            folder = checkpoint.tag_folder(save_dir, tag)
             os.makedirs(folder, exist_ok=True)
-            # AutoEP's files first: DeepSpeed writes `latest` last, so it never names a tag
-            # folder without them.
+            # AutoEP's files first, then DeepSpeed's, then (when DeepSpeed writes synchronously)
+            # the size and SHA-256 of every file in the topology record, then `latest`: it never
+            # names a tag folder whose files are not all written and recorded.
             ep_rank, writer = self._autoep_ep_rank()
             if writer and self.zero_optimization_stage() < 3:
                 checkpoint.write_experts(folder, ep_rank, self.module)
@@ -257,7 +284,29 @@ def _engine_class():
                 checkpoint.write_topology(folder, topology)
                 checkpoint.write_model_config(folder, self.module)
             dist.barrier()
-            return super().save_checkpoint(save_dir, tag, client_state, save_latest, exclude_frozen_parameters)
+            # A decoupled checkpoint engine writes in the background: its files cannot be hashed
+            # here, it writes `latest` itself, and the record stays without checksums.
+            decoupled = self.checkpoint_engine.is_decoupled()
+            result = super().save_checkpoint(save_dir, tag, client_state, save_latest and decoupled,
+                                             exclude_frozen_parameters)  # ends with a barrier
+            if not decoupled:
+                self._autoep_record_files(folder, topology)
+                if save_latest and dist.get_rank() == 0:
+                    checkpoint.write_latest(save_dir, tag)
+                dist.barrier()
+            return result
+
+        def _autoep_record_files(self, folder, topology) -> None:
+            """Hash every file of the saved tag folder (each rank a share) and have rank 0
+            rewrite the topology record with them (collective)."""
+            rank, world = dist.get_rank(), dist.get_world_size()
+            names = [checkpoint.folder_files(folder) if rank == 0 else None]
+            dist.broadcast_object_list(names, src=0)  # one listing, so the shares cover it exactly once
+            shares = [None] * world
+            dist.all_gather_object(shares, checkpoint.record_files(folder, names[0][rank::world]))
+            if rank == 0:
+                files = {name: record for share in shares for name, record in share.items()}
+                checkpoint.write_topology(folder, dataclasses.replace(topology, files=files))
 
         def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
                             load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
@@ -269,31 +318,26 @@ def _engine_class():
             if self.load_universal_checkpoint():
                 return self._autoep_load_universal(load_dir, tag, arguments)
             if tag is None:
-                latest = os.path.join(load_dir, "latest")
-                if not os.path.isfile(latest):
+                tag = checkpoint.read_latest(load_dir)  # (refused when it names a folder elsewhere)
+                if tag is None:
                     return super().load_checkpoint(load_dir, tag, **arguments)  # DeepSpeed warns, loads nothing
-                with open(latest) as handle:
-                    tag = handle.read().strip()
-            folder = os.path.join(load_dir, str(tag))
-            # Everything AutoEP needs is read and checked before DeepSpeed loads anything, and
-            # every rank learns whether any rank failed (so none goes on into a collective alone).
+            folder = checkpoint.tag_folder(load_dir, tag)
+            # Everything AutoEP needs is read and checked before DeepSpeed loads anything (the
+            # topology, every file's presence, size and checksum, AutoEP's expert file), and
+            # every rank raises the same error if any rank found a problem: none loads alone
+            # or waits in a collective for a rank that failed.
             current = self._autoep_topology()  # collective
-            error, saved_experts = None, None
+            problems, saved_experts = [], None
             try:
-                checkpoint.check_same_topology(folder, current)
-                if self.zero_optimization_stage() < 3:
+                saved = checkpoint.check_same_topology(folder, current)
+                problems = self._autoep_check_files(folder, saved, checkpoint.expected_files(saved))
+                if not problems and self.zero_optimization_stage() < 3:
                     saved_experts = checkpoint.read_experts(folder, self._autoep_ep_rank()[0], self.module)
             except checkpoint.AutoEPCheckpointError as caught:
-                error = caught
-            failed = torch.tensor([0 if error is None else 1], device=self.device)
-            dist.all_reduce(failed)
-            if error is not None:
-                raise error
-            if int(failed.item()):
-                raise checkpoint.AutoEPCheckpointError(
-                    f"{int(failed.item())} rank(s) could not read their part of {folder} (see their errors); "
-                    "nothing was loaded")
-            result = super().load_checkpoint(load_dir, tag, **arguments)
+                problems = [str(caught)]
+            self._autoep_agree(folder, problems)  # collective
+            with checkpoint.safe_loading():  # DeepSpeed's own torch.load calls, too
+                result = super().load_checkpoint(load_dir, tag, **arguments)
             if result[0] is not None and saved_experts is not None:
                 checkpoint.restore_experts(saved_experts, self.module)
                 if load_module_only or not load_optimizer_states:
@@ -306,8 +350,18 @@ def _engine_class():
 
         def _autoep_load_universal(self, load_dir, tag, arguments):
             """DeepSpeed's Universal load, with what it needs for AutoEP layers around it."""
-            if tag is not None:  # (with tag=None DeepSpeed reads latest_universal itself)
-                checkpoint.check_same_model(os.path.join(load_dir, str(tag)), self._autoep_topology())
+            if tag is None:
+                tag = checkpoint.read_latest(load_dir, "latest_universal")
+                if tag is None:
+                    return super().load_checkpoint(load_dir, tag, **arguments)  # DeepSpeed names the missing file
+            folder = checkpoint.tag_folder(load_dir, tag)
+            current = self._autoep_topology()  # collective
+            try:
+                saved = checkpoint.check_same_model(folder, current)
+                problems = self._autoep_check_files(folder, saved, [])
+            except checkpoint.AutoEPCheckpointError as caught:
+                problems = [str(caught)]
+            self._autoep_agree(folder, problems)  # collective
             experts = [param for _, layer in replaced_layers(self.module) for param in layer.routed_experts().parameters()]
             untagged = [param for param in experts if not hasattr(param, "ds_zero_partition_group_name")]
             if self.zero_optimization_stage() == 3 and untagged:
@@ -318,7 +372,8 @@ def _engine_class():
                 for param in untagged:
                     param.ds_zero_partition_group_name = name
             try:
-                result = super().load_checkpoint(load_dir, tag, **arguments)
+                with checkpoint.safe_loading():  # DeepSpeed's own torch.load calls, too
+                    result = super().load_checkpoint(load_dir, tag, **arguments)
             finally:
                 for param in untagged:
                     if hasattr(param, "ds_zero_partition_group_name"):
@@ -333,14 +388,40 @@ def _engine_class():
                         state["step"] = state["step"].clone()
             return result
 
+        def _autoep_check_files(self, folder, saved, expected) -> list[str]:
+            """This rank's share of the checks of a tag folder's files before a load: the
+            expected, recorded and present files (see checkpoint.check_files)."""
+            recorded = saved.files if saved is not None and saved.files is not None else {}
+            names = set(expected) | set(recorded) | set(checkpoint.folder_files(folder))
+            return checkpoint.check_files(folder, saved, names, dist.get_rank(), dist.get_world_size())
+
+        def _autoep_agree(self, folder, problems: list[str]) -> None:
+            """Collective: every rank raises the same error when any rank found a problem."""
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, list(problems))
+            found = sorted({problem for share in gathered for problem in share})
+            if len(found) == 1:
+                raise checkpoint.AutoEPCheckpointError(found[0])
+            if found:
+                raise checkpoint.AutoEPCheckpointError(f"checkpoint {folder} cannot be loaded, nothing was loaded: "
+                                                       + "; ".join(found))
+
         def _validate_zero3_moe_compatibility(self):
-            native = [name for name, module in self.module.named_modules() if isinstance(module, MoE)]
-            if native:
-                raise AutoEPConfigError(
-                    f"zero_optimization.stage=3 with native deepspeed.moe.layer.MoE modules ({native[:3]}): ZeRO "
-                    "stage 3 supports only AutoEP-managed MoE layers; use ZeRO stage 1/2 for native MoE")
+            check_no_native_moe_at_zero3(self.module)  # (initialize already refused it, before any change)
 
     return AutoEPEngine
+
+
+def check_no_native_moe_at_zero3(model: nn.Module) -> None:
+    """ZeRO-3 partitions expert parameters only for AutoEP layers: a model that also holds
+    DeepSpeed's own ``deepspeed.moe.layer.MoE`` modules is refused (read-only check)."""
+    from deepspeed.moe.layer import MoE
+
+    native = [name for name, module in model.named_modules() if isinstance(module, MoE)]
+    if native:
+        raise AutoEPConfigError(
+            f"zero_optimization.stage=3 with native deepspeed.moe.layer.MoE modules ({native[:3]}): ZeRO "
+            "stage 3 supports only AutoEP-managed MoE layers; use ZeRO stage 1/2 for native MoE")
 
 
 @torch.no_grad()
@@ -422,6 +503,8 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
         raise AutoEPConfigError(f"mesh_param={mesh_param!r}: AutoEP runs on a pure data-parallel mesh; pass None")
     validate_deepspeed_config(ds_config, mpu)
     stage = _zero_stage(ds_config)
+    if stage == 3:
+        check_no_native_moe_at_zero3(model)
     specs = inspect(model, ep_config)
     expert_counts = {spec.name: spec.num_experts for spec in specs}
     check_autoep_size(ep_config.autoep_size, None, expert_counts)

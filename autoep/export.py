@@ -10,7 +10,10 @@ weights) and AutoEP's expert files; ZeRO-3 takes the unsharded fp32 master weigh
 model's dtype (what the live weights are made from).
 
 AutoEP keeps the original parameter names, so the state dict needs no renaming. The output is
-written to a temporary sibling folder and renamed into place; a failure leaves nothing.
+written to a temporary sibling folder and renamed into place; a failure leaves nothing, and the
+temporary of an export that was killed is removed by the next export to the same folder. A
+checkpoint folder's files are checked against the sizes and SHA-256 recorded at save before
+they are read, and unpickled with ``weights_only=True`` and an allow-list.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import torch
 from torch import nn
 
 from autoep.api import replaced_layers
-from autoep.checkpoint import MODEL_CONFIG_FILE, AutoEPCheckpointError, expert_file, load_file, read_topology
+from autoep.checkpoint import (MODEL_CONFIG_FILE, AutoEPCheckpointError, expert_file, load_file, model_files,
+                               read_topology, remove_stale_temporaries, temporary_path, verify_files)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,6 +69,11 @@ def state_from_checkpoint(folder: str) -> tuple[dict[str, torch.Tensor], dict]:
     if not os.path.isfile(config_path):
         raise AutoEPCheckpointError(f"{config_path} is missing: the checkpoint does not record the model's "
                                     "Transformers config")
+    ep_ranks = sorted({ep for ep, _ in topology.rank_layout})
+    read = [MODEL_CONFIG_FILE]  # (at ZeRO-3, autoep.universal.unshard checks the files it reads)
+    if topology.zero_stage < 3:
+        read += model_files(topology) + [expert_file(ep) for ep in ep_ranks]
+    verify_files(folder, topology, read)
     with open(config_path) as handle:
         config = json.load(handle)
     dtype = DTYPES[topology.dtype]
@@ -78,8 +87,7 @@ def state_from_checkpoint(folder: str) -> tuple[dict[str, torch.Tensor], dict]:
             if name not in state:
                 state[name] = value
         return state, config
-    state = dict(load_file(os.path.join(folder, "mp_rank_00_model_states.pt"), weights_only=False)["module"])
-    ep_ranks = sorted({ep for ep, _ in topology.rank_layout})
+    state = dict(load_file(os.path.join(folder, model_files(topology)[0]))["module"])
     pieces = [load_file(os.path.join(folder, expert_file(ep)))["experts"] for ep in ep_ranks]
     for name, num_experts in topology.experts.items():
         if any(name not in piece for piece in pieces):
@@ -95,7 +103,8 @@ def _write(output_dir: str, state: dict[str, torch.Tensor], config) -> None:
     from safetensors.torch import save_file
 
     output_dir = os.path.abspath(output_dir)
-    temporary = f"{output_dir}.tmp-{os.getpid()}"
+    remove_stale_temporaries(output_dir)
+    temporary = temporary_path(output_dir)
     os.makedirs(os.path.dirname(output_dir), exist_ok=True)
     try:
         os.makedirs(temporary)

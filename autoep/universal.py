@@ -18,11 +18,16 @@ optimizer shards itself, with AutoEP's topology record (which rank held which ex
   counters; AutoEP's topology record.
 
 The output is written to a temporary folder beside it and renamed into place only when
-complete: a failed conversion leaves nothing. The input is only read.
+complete: a failed conversion leaves nothing, and the temporary of a conversion that was killed
+is removed by the next conversion to the same output. The input is only read: first its files
+are checked against the sizes and SHA-256 recorded at save, then unpickled with
+``weights_only=True`` and an allow-list (``autoep.checkpoint.load_file``); the output's topology
+record lists the output's own files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -31,23 +36,11 @@ from dataclasses import dataclass
 
 import torch
 
-from autoep.checkpoint import TOPOLOGY_FILE, AutoEPCheckpointError, Topology, load_file, read_topology
+from autoep.checkpoint import (AutoEPCheckpointError, Topology, folder_files, load_file, model_files, optimizer_file,
+                               read_topology, record_files, remove_stale_temporaries, temporary_path, verify_files,
+                               write_topology)
 
 OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")
-
-
-def _load(path: str):
-    return load_file(path, weights_only=False)  # DeepSpeed's files hold its own classes
-
-
-def _optimizer_file(folder: str, rank: int) -> str:
-    return os.path.join(folder, f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
-
-
-def _model_files(folder: str, stage: int, world_size: int) -> list[str]:
-    if stage == 3:
-        return [f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" for rank in range(world_size)]
-    return ["mp_rank_00_model_states.pt"]
 
 
 def _partitions(names, topology: Topology) -> list[tuple[int, list[int]]]:
@@ -101,7 +94,7 @@ def _unshard_zero3(shards: list[dict], param_shapes: list[dict], topology: Topol
                 info = shards[rank]["optimizer_state_dict"]["ds_zero_partition_groups"][index]
                 if list(info["partition_ranks"]) != ranks:
                     raise AutoEPCheckpointError(
-                        f"{_optimizer_file('', rank)}: group {index} is partitioned over ranks "
+                        f"{optimizer_file(topology, rank)}: group {index} is partitioned over ranks "
                         f"{list(info['partition_ranks'])}, the topology record says {ranks}")
             for key in full:
                 flats = []
@@ -145,13 +138,21 @@ def unshard(input_folder: str) -> Unsharded:
         raise AutoEPCheckpointError(
             f"{input_folder} was saved at ZeRO stage {topology.zero_stage}; Universal conversion needs the ZeRO 1/2/3 "
             "optimizer shards. Save at ZeRO stage 1-3, or resume at the same topology with a regular load")
-    shards = [_load(_optimizer_file(input_folder, rank)) for rank in range(topology.world_size)]
-    model_files = _model_files(input_folder, topology.zero_stage, topology.world_size)
-    model_state = _load(os.path.join(input_folder, model_files[0]))
-    if topology.zero_stage == 3:
-        pieces, param_groups, step = _unshard_zero3(shards, model_state["param_shapes"], topology)
-    else:
-        pieces, param_groups, step = _unshard_zero12(shards, topology)
+    optimizer_files = [optimizer_file(topology, rank) for rank in range(topology.world_size)]
+    models = model_files(topology)
+    verify_files(input_folder, topology, optimizer_files + models)
+    shards = [load_file(os.path.join(input_folder, name)) for name in optimizer_files]
+    model_state = load_file(os.path.join(input_folder, models[0]))
+    try:
+        if topology.zero_stage == 3:
+            pieces, param_groups, step = _unshard_zero3(shards, model_state["param_shapes"], topology)
+        else:
+            pieces, param_groups, step = _unshard_zero12(shards, topology)
+    except (KeyError, IndexError, TypeError, AttributeError) as error:
+        raise AutoEPCheckpointError(
+            f"{input_folder}: its optimizer shards do not have the layout DeepSpeed 0.19.8 writes for the topology "
+            f"it records ({type(error).__name__}: {error}); was it saved by an engine from autoep.initialize?") \
+            from error
     shapes = {name: shape for group in model_state["param_shapes"] for name, shape in group.items()}
     tensors: dict[str, dict[str, torch.Tensor]] = {key: {} for key in pieces}
     for key, by_param in pieces.items():
@@ -166,7 +167,7 @@ def unshard(input_folder: str) -> Unsharded:
             else:
                 tensor = by_param[name][0].view(shape)
             tensors[key][name] = tensor
-    return Unsharded(topology, tensors, param_groups, step, model_files, model_state)
+    return Unsharded(topology, tensors, param_groups, step, models, model_state)
 
 
 def to_universal(input_folder: str, output_folder: str) -> None:
@@ -179,7 +180,8 @@ def to_universal(input_folder: str, output_folder: str) -> None:
                               "written)")
     source = unshard(input_folder)
     topology = source.topology
-    temporary = f"{output_folder}.tmp-{os.getpid()}"
+    remove_stale_temporaries(output_folder)
+    temporary = temporary_path(output_folder)
     os.makedirs(os.path.dirname(output_folder), exist_ok=True)
     try:
         os.makedirs(os.path.join(temporary, "zero"))
@@ -200,8 +202,9 @@ def to_universal(input_folder: str, output_folder: str) -> None:
         torch.save({"ds_version": source.model_state.get("ds_version"), "param_groups": groups,
                     "optimizer_state_dict": {"state": {0: {"step": source.step}}, "param_groups": groups}},
                    os.path.join(temporary, "zero", "optimizer_state.pt"))
-        for name in source.model_files + [TOPOLOGY_FILE]:
+        for name in source.model_files:
             shutil.copy2(os.path.join(input_folder, name), os.path.join(temporary, name))
+        write_topology(temporary, dataclasses.replace(topology, files=record_files(temporary, folder_files(temporary))))
         os.rename(temporary, output_folder)
     finally:
         if os.path.exists(temporary):

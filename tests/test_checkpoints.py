@@ -106,8 +106,8 @@ def test_a_missing_expert_shard_fails_on_every_rank_naming_the_file(saved_w4_ep2
     os.remove(folder / "saved" / expert_file(1))
     outcomes = launch.run(4, failed_load_on_rank, TrainingSetup(2, 2), str(folder))
     messages = [message for message, _ in outcomes]
-    assert all(expert_file(1) in messages[rank] for rank in (1, 3)), messages  # EP rank 1
-    assert all("could not read their part" in messages[rank] for rank in (0, 2)), messages
+    # Every rank checks every file before any loads: all raise the same error naming it.
+    assert len(set(messages)) == 1 and expert_file(1) in messages[0] and "missing" in messages[0], messages
     assert all(changed == [] for _, changed in outcomes)
 
 
@@ -116,7 +116,7 @@ def test_a_truncated_expert_shard_fails_naming_the_file(saved_w4_ep2, tmp_path):
     path = folder / "saved" / expert_file(0)
     path.write_bytes(path.read_bytes()[:100])
     outcomes = launch.run(4, failed_load_on_rank, TrainingSetup(2, 2), str(folder))
-    for rank in (0, 2):
+    for rank in range(4):
         assert expert_file(0) in outcomes[rank][0] and "truncated" in outcomes[rank][0], outcomes[rank][0]
     assert all(changed == [] for _, changed in outcomes)
 
