@@ -10,7 +10,7 @@ from torch import nn
 from autoep.config import AutoEPConfig, as_config
 from autoep.detect import MoELayerSpec, detect
 from autoep.groups import ExpertParallelGroups, build_groups, check_autoep_size
-from autoep.layer import AutoEPMoELayer, build_layer
+from autoep.layer import AutoEPMoELayer, build_layer, check_replaceable
 
 logger = logging.getLogger("autoep")
 
@@ -50,6 +50,8 @@ def apply(model: nn.Module, config: AutoEPConfig | Mapping[str, Any] | None = No
     if replaced_layers(model):
         raise ValueError("autoep.apply: the model already holds AutoEPMoELayer modules (applied twice?)")
     specs = detect(model, config)
+    for spec in specs:  # hooks and experts implementation, before any block is replaced
+        check_replaceable(spec)
     expert_counts = {spec.name: spec.num_experts for spec in specs}
     if groups is not None:
         check_autoep_size(config.autoep_size, groups.world_size, expert_counts)

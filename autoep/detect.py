@@ -7,13 +7,17 @@ does not fully understand; it never returns a block it would replace incorrectly
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from autoep.activations import CONFIG_NAMES, UnsupportedActivationError, identify_activation
 from autoep.config import AUTO, AutoEPConfig
 from autoep.presets import MODEL_TYPE_TO_PRESET, PRESETS, Preset
 from autoep.routing import RoutingSpec
@@ -21,7 +25,7 @@ from autoep.versions import UnsupportedTransformersError, at_least, transformers
 
 logger = logging.getLogger("autoep")
 
-SUPPORTED_ACTIVATIONS = ("silu",)
+SUPPORTED_ACTIVATIONS = tuple(sorted(CONFIG_NAMES))  # Transformers hidden_act names
 
 
 class DetectionError(ValueError):
@@ -46,6 +50,9 @@ class MoELayerSpec:
     down_name: str
     shared_attr: str | None = None
     shared_gate_attr: str | None = None
+    # The shared expert MLP's activation (canonical name; None when it is not one AutoEP knows:
+    # the layer calls the original shared MLP, so only the reference needs it).
+    shared_activation: str | None = None
     block: nn.Module | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -144,6 +151,45 @@ def _shape(tensor) -> tuple[int, ...]:
     return tuple(tensor.shape)
 
 
+# expert_parallel.moe_layer_pattern is a Python regular expression, and Python's `re` has no
+# time limit: a pattern with nested quantifiers backtracks exponentially (measured: "(.*)*X"
+# ran over 5 s on one 31-character module name, "model.layers.0.self_attn.q_proj", and would
+# run for hours). The `regex` package's own timeout did not bound it either (a 3 s timeout
+# fired after 24-106 s). So the names are matched in a child interpreter, killed at this budget.
+PATTERN_MATCH_BUDGET_S = 5.0
+
+_MATCH_SCRIPT = """\
+import json, re, sys
+request = json.load(sys.stdin)
+pattern = re.compile(request["pattern"])
+json.dump([index for index, name in enumerate(request["names"]) if pattern.fullmatch(name)], sys.stdout)
+"""
+
+
+def match_module_names(pattern: str, names: list[str], budget_s: float | None = None) -> set[int]:
+    """Indices of the ``names`` that ``pattern`` matches in full (``re.fullmatch``), computed in
+    a child interpreter that is killed after ``budget_s`` (default :data:`PATTERN_MATCH_BUDGET_S`)
+    seconds; a pattern that needs longer is refused with a :class:`DetectionError`."""
+    budget_s = PATTERN_MATCH_BUDGET_S if budget_s is None else budget_s
+    request = json.dumps({"pattern": pattern, "names": names})
+    try:
+        # -I -S: stdlib only (no site, no PYTHONPATH, no current folder), so startup is quick.
+        done = subprocess.run([sys.executable, "-I", "-S", "-c", _MATCH_SCRIPT], input=request, text=True,
+                              capture_output=True, timeout=budget_s, check=False)
+    except subprocess.TimeoutExpired:  # (the child was killed)
+        raise DetectionError(
+            f"expert_parallel.moe_layer_pattern={pattern!r} did not finish matching the model's {len(names)} "
+            f"module names within {budget_s:g} s, the limit on pattern matching: it backtracks catastrophically, "
+            "typically from nested quantifiers such as '(a+)+' or '(.*)*'. Use a plain pattern such as "
+            "'model\\.layers\\.\\d+\\.mlp'.") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DetectionError(
+            f"expert_parallel.moe_layer_pattern={pattern!r}: matching module names failed in the child "
+            f"interpreter (exit code {done.returncode}): {last}")
+    return set(json.loads(done.stdout))
+
+
 def detect(model: nn.Module, config: AutoEPConfig) -> list[MoELayerSpec]:
     """Return one spec per MoE block of ``model`` (in module order)."""
     preset, model_type = resolve_preset(model, config)
@@ -165,11 +211,8 @@ def detect(model: nn.Module, config: AutoEPConfig) -> list[MoELayerSpec]:
         top_k = _config_int(cfg, (top_k_field,), "experts per token (top-k)")
     intermediate = _config_int(cfg, (preset.intermediate_field,), "expert width")
     hidden = _config_int(cfg, ("hidden_size",), "hidden size")
+    # What the config names; each block's activation is read from its modules (_check_block).
     activation = getattr(cfg, "hidden_act", None)
-    if activation not in SUPPORTED_ACTIVATIONS:
-        raise DetectionError(
-            f"model.config.hidden_act={activation!r} is not supported by the AutoEP experts; "
-            f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}.")
     jitter = getattr(cfg, "router_jitter_noise", 0.0) or 0.0
     if jitter > 0:
         raise DetectionError(
@@ -204,9 +247,11 @@ def detect(model: nn.Module, config: AutoEPConfig) -> list[MoELayerSpec]:
             "is named: set expert_parallel.shared_experts_pattern too.")
 
     specs: list[MoELayerSpec] = []
-    for name, module in model.named_modules():
-        if pattern is not None:
-            if not pattern.fullmatch(name):
+    modules = list(model.named_modules())
+    matched = match_module_names(config.moe_layer_pattern, [name for name, _ in modules]) if pattern else None
+    for index, (name, module) in enumerate(modules):
+        if matched is not None:
+            if index not in matched:
                 continue
         elif type(module).__name__ != block_class:
             continue
@@ -219,8 +264,38 @@ def detect(model: nn.Module, config: AutoEPConfig) -> list[MoELayerSpec]:
     return specs
 
 
-def _check_block(name, block, preset, model_type, routing, num_experts, top_k, hidden, intermediate, activation,
-                 router_attr, experts_attr, gate_up_name, down_name, shared_attr, shared_gate_attr) -> MoELayerSpec:
+def experts_activation(where: str, experts: nn.Module, config_activation) -> str:
+    """Canonical name of the activation the original experts apply: read from their ``act_fn``
+    (what the stock forward calls, even when replaced after construction), else from
+    ``config.hidden_act``. A module that disagrees with the config is followed, as Transformers does."""
+    act = getattr(experts, "act_fn", None)
+    if act is None:
+        if config_activation in CONFIG_NAMES:
+            return CONFIG_NAMES[config_activation]
+        raise DetectionError(
+            f"{where}: the experts have no act_fn and model.config.hidden_act={config_activation!r} is not "
+            f"supported by the AutoEP experts; supported: {', '.join(SUPPORTED_ACTIVATIONS)}.")
+    try:
+        name = identify_activation(act)
+    except UnsupportedActivationError as error:
+        raise DetectionError(f"{where}: experts.act_fn: {error}") from None
+    if CONFIG_NAMES.get(config_activation) != name:
+        logger.warning("autoep: %s: experts.act_fn is %s (%s) but model.config.hidden_act=%r; AutoEP follows "
+                       "act_fn, which is what the original experts call", where, type(act).__name__, name,
+                       config_activation)
+    return name
+
+
+def _shared_activation(mlp: nn.Module) -> str | None:
+    try:
+        return identify_activation(getattr(mlp, "act_fn", None))
+    except UnsupportedActivationError:
+        return None
+
+
+def _check_block(name, block, preset, model_type, routing, num_experts, top_k, hidden, intermediate,
+                 config_activation, router_attr, experts_attr, gate_up_name, down_name, shared_attr,
+                 shared_gate_attr) -> MoELayerSpec:
     where = f"MoE block {name!r} ({type(block).__name__})"
     router = getattr(block, router_attr, None)
     experts = getattr(block, experts_attr, None)
@@ -253,11 +328,16 @@ def _check_block(name, block, preset, model_type, routing, num_experts, top_k, h
     for bias_name in (f"{gate_up_name}_bias", f"{down_name}_bias"):
         if getattr(experts, bias_name, None) is not None:
             raise DetectionError(f"{where}: experts carry {bias_name}; biased experts are not supported.")
+    activation = experts_activation(where, experts, config_activation)  # (before: PReLU holds a parameter)
     extra_params = {n for n, _ in experts.named_parameters(recurse=True)} - {gate_up_name, down_name}
     if extra_params:
         raise DetectionError(f"{where}: experts hold unexpected parameters {sorted(extra_params)}.")
     if routing.use_correction_bias and not isinstance(getattr(router, "e_score_correction_bias", None), torch.Tensor):
         raise DetectionError(f"{where}: routing uses e_score_correction_bias but {router_attr} has none.")
+    own_state = list(block._parameters) + list(block._buffers)
+    if own_state:
+        raise DetectionError(f"{where} holds parameters/buffers {own_state} directly (not in a submodule); the "
+                             "preset's block has none, so AutoEP would not know what they do.")
 
     if shared_attr is not None and getattr(block, shared_attr, None) is None:
         raise DetectionError(f"{where}: shared expert {shared_attr!r} not found.")
@@ -280,7 +360,8 @@ def _check_block(name, block, preset, model_type, routing, num_experts, top_k, h
         name=name, block_class=type(block).__name__, preset=preset.name, model_type=model_type, routing=routing,
         num_experts=num_experts, top_k=top_k, hidden_size=hidden, intermediate_size=intermediate,
         activation=activation, router_attr=router_attr, experts_attr=experts_attr, gate_up_name=gate_up_name,
-        down_name=down_name, shared_attr=shared_attr, shared_gate_attr=shared_gate_attr, block=block)
+        down_name=down_name, shared_attr=shared_attr, shared_gate_attr=shared_gate_attr,
+        shared_activation=_shared_activation(getattr(block, shared_attr)) if shared_attr else None, block=block)
 
 
 def _check_shared_mlp(where: str, mlp: nn.Module, hidden: int) -> None:

@@ -68,7 +68,10 @@ def sort_by_expert(hidden_TH: torch.Tensor, expert_ids_TK: torch.Tensor, num_exp
     num_tokens, top_k = expert_ids_TK.shape
     flat_ids_R = expert_ids_TK.reshape(-1)
     order_R = torch.argsort(flat_ids_R, stable=True)
-    tokens_per_expert_E = torch.bincount(flat_ids_R, minlength=num_experts)
+    # Counts from where each expert's run starts in the sorted ids: always [E] (bincount's
+    # length depends on the data, which torch.compile cannot trace), deterministic everywhere.
+    starts = torch.searchsorted(flat_ids_R[order_R], torch.arange(num_experts + 1, device=flat_ids_R.device))
+    tokens_per_expert_E = starts[1:] - starts[:-1]
     rows_RH = hidden_TH.index_select(0, order_R // top_k)
     return rows_RH, LocalRouting(order_R, tokens_per_expert_E, num_tokens, top_k)
 

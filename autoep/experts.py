@@ -2,8 +2,21 @@
 
 Layout (Transformers 5.x fused): ``gate_up_proj [E_local, 2I, H]`` (gate rows first, then
 up) and ``down_proj [E_local, H, I]``; an expert computes ``down(act(gate(x)) * up(x))``.
-``torch.nn.functional.grouped_mm`` runs all experts in one call where it accepts the
-dtype and strides; a per-expert ``mm`` loop covers the rest (and ``use_grouped_mm=false``).
+
+Three kernels, chosen at every call by the experts implementation Transformers' own experts
+read (``config._experts_implementation``, set by ``model.set_experts_implementation()`` or
+``from_pretrained(..., experts_implementation=...)``):
+
+- ``grouped_mm``: ``torch.nn.functional.grouped_mm``, all experts in one call, where it accepts
+  the dtype and strides; otherwise the loop.
+- ``eager``: a per-expert ``mm`` loop (also ``expert_parallel.use_grouped_mm: false``).
+- ``batched_mm``: each routed row's expert weights gathered, then one batched matmul (no
+  data-dependent shapes; memory ``rows x 3 x H x I``).
+
+Under ``torch.compile`` nothing data-dependent is traced: grouped_mm's fake kernel accepts
+only bf16 in torch 2.13, so for other dtypes grouped_mm runs inside the opaque custom op
+``autoep::expert_linear`` (the same kernel as uncompiled, its own backward op), and the loop
+(whose ``.tolist()`` would break the graph) runs inside the same op.
 """
 
 from __future__ import annotations
@@ -12,8 +25,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS = {"silu": F.silu}
+from autoep.activations import ACTIVATIONS
+
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Transformers' experts implementations the AutoEP experts run (the first is Transformers' default).
+EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
+
+
+def check_experts_implementation(value, where: str = "the model") -> str:
+    """The experts implementation ``value`` (``config._experts_implementation``) as one of
+    :data:`EXPERTS_IMPLEMENTATIONS`; anything else is refused."""
+    if value is None:
+        return "grouped_mm"
+    if value not in EXPERTS_IMPLEMENTATIONS:
+        raise ValueError(
+            f"{where}: experts_implementation={value!r} (config._experts_implementation, set by "
+            "model.set_experts_implementation() or from_pretrained(..., experts_implementation=...)) has no "
+            "AutoEP counterpart. The AutoEP experts run 'grouped_mm' (one grouped GEMM), 'batched_mm' (gathered "
+            "expert weights, one batched matmul) or 'eager' (a per-expert loop): call "
+            "model.set_experts_implementation('grouped_mm') (or 'batched_mm' / 'eager').")
+    return value
 
 
 def grouped_mm_supported(dtype: torch.dtype, hidden: int, intermediate: int) -> bool:
@@ -43,20 +74,110 @@ def _grouped_linear(rows_RK: torch.Tensor, weight_EOK: torch.Tensor, offsets_E: 
     return _ContiguousGrad.apply(out_RO)
 
 
+def _offsets(counts_E: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(counts_E, dim=0).to(torch.int32)
+
+
+def _loop_linear(rows_RK: torch.Tensor, weight_EOK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """``F.linear`` of each expert's rows with its weight, one ``mm`` per expert."""
+    outputs, start = [], 0
+    for expert, count in enumerate(counts_E.tolist()):
+        outputs.append(F.linear(rows_RK[start:start + count], weight_EOK[expert]))
+        start += count
+    if not outputs:
+        return rows_RK.new_zeros(0, weight_EOK.shape[1])
+    return torch.cat(outputs, dim=0)
+
+
+# The opaque op torch.compile sees (see the module docstring): grouped=True runs grouped_mm,
+# grouped=False the loop; the same arithmetic as uncompiled in both directions.
+@torch.library.custom_op("autoep::expert_linear", mutates_args=())
+def expert_linear(rows_RK: torch.Tensor, weight_EOK: torch.Tensor, counts_E: torch.Tensor,
+                  grouped: bool) -> torch.Tensor:
+    if grouped:
+        return F.grouped_mm(rows_RK, weight_EOK.transpose(-2, -1), offs=_offsets(counts_E))
+    return _loop_linear(rows_RK, weight_EOK, counts_E)
+
+
+@expert_linear.register_fake
+def _(rows_RK, weight_EOK, counts_E, grouped):
+    return rows_RK.new_empty(rows_RK.shape[0], weight_EOK.shape[1])
+
+
+@torch.library.custom_op("autoep::expert_linear_backward", mutates_args=())
+def expert_linear_backward(rows_RK: torch.Tensor, weight_EOK: torch.Tensor, counts_E: torch.Tensor,
+                           grad_RO: torch.Tensor, grouped: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d rows, d weight) of :func:`expert_linear`: dX = dY W_e and dW_e = dY^T X per expert."""
+    grad_RO = grad_RO.contiguous()
+    if grouped:
+        offsets_E = _offsets(counts_E)
+        return (F.grouped_mm(grad_RO, weight_EOK, offs=offsets_E),
+                F.grouped_mm(grad_RO.t(), rows_RK, offs=offsets_E))
+    grad_rows, grad_weight = torch.empty_like(rows_RK), torch.zeros_like(weight_EOK)
+    start = 0
+    for expert, count in enumerate(counts_E.tolist()):
+        grad_rows[start:start + count] = grad_RO[start:start + count] @ weight_EOK[expert]
+        grad_weight[expert] = grad_RO[start:start + count].t() @ rows_RK[start:start + count]
+        start += count
+    return grad_rows, grad_weight
+
+
+@expert_linear_backward.register_fake
+def _(rows_RK, weight_EOK, counts_E, grad_RO, grouped):
+    return torch.empty_like(rows_RK), torch.empty_like(weight_EOK)
+
+
+def _setup_context(ctx, inputs, output):
+    rows_RK, weight_EOK, counts_E, grouped = inputs
+    ctx.save_for_backward(rows_RK, weight_EOK, counts_E)
+    ctx.grouped = grouped
+
+
+def _backward(ctx, grad_RO):
+    rows_RK, weight_EOK, counts_E = ctx.saved_tensors
+    grad_rows, grad_weight = expert_linear_backward(rows_RK, weight_EOK, counts_E, grad_RO, ctx.grouped)
+    return grad_rows, grad_weight, None, None
+
+
+expert_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _batched_linear(rows_RK: torch.Tensor, weight_EOK: torch.Tensor, expert_R: torch.Tensor) -> torch.Tensor:
+    """Each row times its own expert's weight: gather [R, out, in], one ``bmm``."""
+    return torch.bmm(weight_EOK[expert_R], rows_RK.unsqueeze(-1)).squeeze(-1)
+
+
 class GroupedExperts(nn.Module):
     """The experts one rank holds, as fused 3-D parameters named like the original's."""
 
     def __init__(self, gate_up_proj: nn.Parameter, down_proj: nn.Parameter, activation: str = "silu",
-                 use_grouped_mm: bool = True, gate_up_name: str = "gate_up_proj", down_name: str = "down_proj"):
+                 use_grouped_mm: bool = True, gate_up_name: str = "gate_up_proj", down_name: str = "down_proj",
+                 hf_config=None, down_first: bool = False):
+        """``hf_config``: the Transformers config whose ``_experts_implementation`` the original
+        experts read at every call (the kernel then follows it); without one, ``use_grouped_mm``
+        picks grouped_mm or the loop. ``down_first``: register ``down`` before ``gate_up``
+        (the original's order, so parameter order and optimizer state line up)."""
         super().__init__()
         self.gate_up_name = gate_up_name
         self.down_name = down_name
-        self.register_parameter(gate_up_name, gate_up_proj)
-        self.register_parameter(down_name, down_proj)
+        for name, param in ((down_name, down_proj), (gate_up_name, gate_up_proj))[::1 if down_first else -1]:
+            self.register_parameter(name, param)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not one of {', '.join(ACTIVATIONS)}")
         self.activation = activation
         self.act_fn = ACTIVATIONS[activation]
-        self.use_grouped_mm = use_grouped_mm
-        self.last_path: str | None = None  # "grouped_mm" or "loop": which kernel ran last
+        self.hf_config = hf_config
+        self.default_implementation = "grouped_mm" if use_grouped_mm else "eager"
+        self.last_path: str | None = None  # "grouped_mm", "loop" or "batched_mm": which kernel ran last
+
+    def implementation(self) -> str:
+        """The experts implementation in force now: Transformers' setting, else the default."""
+        requested = getattr(self.hf_config, "_experts_implementation", None) if self.hf_config is not None else None
+        return check_experts_implementation(requested or self.default_implementation, "AutoEP experts")
+
+    @property
+    def use_grouped_mm(self) -> bool:
+        return self.implementation() == "grouped_mm"
 
     @property
     def gate_up(self) -> torch.Tensor:
@@ -73,26 +194,38 @@ class GroupedExperts(nn.Module):
     def extra_repr(self) -> str:
         experts, two_i, hidden = self.gate_up.shape
         return (f"local_experts={experts}, hidden={hidden}, expert_width={two_i // 2}, act={self.activation}, "
-                f"grouped_mm={self.use_grouped_mm}")
+                f"implementation={self.implementation()}")
+
+    def kernel(self) -> str:
+        """What the next call runs: "grouped_mm", "batched_mm" or "loop"."""
+        implementation = self.implementation()
+        if implementation == "batched_mm":
+            return "batched_mm"
+        gate_up, down = self.gate_up, self.down
+        if implementation == "grouped_mm" and grouped_mm_supported(gate_up.dtype, gate_up.shape[2], down.shape[2]):
+            return "grouped_mm"
+        return "loop"
+
+    def _linear(self, kernel: str, rows_RK: torch.Tensor, weight_EOK: torch.Tensor, counts_E: torch.Tensor,
+                expert_R: torch.Tensor | None) -> torch.Tensor:
+        if kernel == "batched_mm":
+            return _batched_linear(rows_RK, weight_EOK, expert_R)
+        compiling = torch.compiler.is_compiling()
+        if kernel == "grouped_mm" and not (compiling and weight_EOK.dtype != torch.bfloat16):
+            return _grouped_linear(rows_RK, weight_EOK, _offsets(counts_E))
+        if compiling:  # grouped_mm in a dtype its fake kernel refuses, or the loop: the opaque op
+            return expert_linear(rows_RK, weight_EOK, counts_E, kernel == "grouped_mm")
+        return _loop_linear(rows_RK, weight_EOK, counts_E)
 
     def forward(self, rows_RH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """``rows_RH`` sorted by local expert; ``tokens_per_expert_E`` counts them (sums to R)."""
         gate_up, down = self.gate_up, self.down
         rows_RH = rows_RH.to(gate_up.dtype)
-        if self.use_grouped_mm and grouped_mm_supported(gate_up.dtype, gate_up.shape[2], down.shape[2]):
-            self.last_path = "grouped_mm"
-            offsets_E = torch.cumsum(tokens_per_expert_E, dim=0).to(torch.int32)
-            gate_up_R2I = _grouped_linear(rows_RH, gate_up, offsets_E)
-            gate_RI, up_RI = gate_up_R2I.chunk(2, dim=-1)
-            return _grouped_linear(self.act_fn(gate_RI) * up_RI, down, offsets_E)
-        self.last_path = "loop"
-        outputs = []
-        start = 0
-        for expert, count in enumerate(tokens_per_expert_E.tolist()):
-            rows = rows_RH[start:start + count]
-            gate_RI, up_RI = F.linear(rows, gate_up[expert]).chunk(2, dim=-1)
-            outputs.append(F.linear(self.act_fn(gate_RI) * up_RI, down[expert]))
-            start += count
-        if not outputs:
-            return rows_RH.new_zeros(0, down.shape[1])
-        return torch.cat(outputs, dim=0)
+        kernel = self.kernel()
+        self.last_path = kernel
+        expert_R = None
+        if kernel == "batched_mm":
+            expert_R = torch.repeat_interleave(torch.arange(gate_up.shape[0], device=rows_RH.device),
+                                               tokens_per_expert_E, output_size=rows_RH.shape[0])
+        gate_RI, up_RI = self._linear(kernel, rows_RH, gate_up, tokens_per_expert_E, expert_R).chunk(2, dim=-1)
+        return self._linear(kernel, self.act_fn(gate_RI) * up_RI, down, tokens_per_expert_E, expert_R)

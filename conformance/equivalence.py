@@ -61,7 +61,7 @@ class EquivalenceResult:
 
 def layouts(specs: list[autoep.MoELayerSpec]) -> list[BlockLayout]:
     return [BlockLayout(s.name, s.routing, s.router_attr, s.experts_attr, s.gate_up_name, s.down_name,
-                        s.shared_attr, s.shared_gate_attr) for s in specs]
+                        s.shared_attr, s.shared_gate_attr, s.activation, s.shared_activation) for s in specs]
 
 
 def batch(vocab_size: int, seed: int, shape: tuple[int, int] = (2, 8)) -> torch.Tensor:

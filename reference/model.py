@@ -30,6 +30,8 @@ class BlockLayout:
     down_name: str
     shared_attr: str | None
     shared_gate_attr: str | None
+    activation: str = "silu"  # the routed experts' activation (reference.moe.ACTIVATION_FORMULAS)
+    shared_activation: str | None = "silu"
 
 
 def block_weights(block: nn.Module, layout: BlockLayout) -> BlockWeights:
@@ -42,6 +44,8 @@ def block_weights(block: nn.Module, layout: BlockLayout) -> BlockWeights:
         gate_up_E2IH=getattr(experts, layout.gate_up_name),
         down_EHI=getattr(experts, layout.down_name),
         correction_bias_E=router.e_score_correction_bias if layout.routing.use_correction_bias else None,
+        activation=layout.activation,
+        shared_activation=layout.shared_activation,
     )
     if layout.shared_attr is not None:
         shared = getattr(block, layout.shared_attr)

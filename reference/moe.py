@@ -9,6 +9,7 @@ checked by hand. ``compute_dtype=torch.float64`` gives a float64 oracle.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -71,12 +72,61 @@ def route_token(spec: RoutingSpec, logits_E: torch.Tensor, correction_bias: list
     return TokenRoute(chosen, weights)
 
 
-def _silu(values: torch.Tensor) -> torch.Tensor:
-    return values * _sigmoid(values)
+def _relu(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x > 0, x, torch.zeros_like(x))
 
 
-def _swiglu(x_H: torch.Tensor, gate_IH: torch.Tensor, up_IH: torch.Tensor, down_HI: torch.Tensor) -> torch.Tensor:
-    return down_HI @ (_silu(gate_IH @ x_H) * (up_IH @ x_H))
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    # log(1 + e^x), written as max(x, 0) + log(1 + e^-|x|) so that it cannot overflow
+    return _relu(x) + torch.log1p(torch.exp(-x.abs()))
+
+
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    # x * Phi(x), Phi the standard normal CDF: (1 + erf(x / sqrt 2)) / 2
+    return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    # Hendrycks & Gimpel's tanh approximation of Phi
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def _relu6(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x > 6.0, torch.full_like(x, 6.0), _relu(x))
+
+
+# The experts' activation by the name autoep.MoELayerSpec.activation gives, each from its formula.
+ACTIVATION_FORMULAS = {
+    "silu": lambda x: x * _sigmoid(x),
+    "gelu": _gelu,
+    "gelu_tanh": _gelu_tanh,
+    "gelu_10": lambda x: torch.clamp(_gelu(x), -10.0, 10.0),
+    "quick_gelu": lambda x: x * _sigmoid(1.702 * x),
+    "relu": _relu,
+    "relu2": lambda x: _relu(x) * _relu(x),
+    "relu6": _relu6,
+    "leaky_relu": lambda x: torch.where(x > 0, x, 0.01 * x),
+    "hardswish": lambda x: x * _relu6(x + 3.0) / 6.0,
+    "mish": lambda x: x * torch.tanh(_softplus(x)),
+    "sigmoid": _sigmoid,
+    "tanh": torch.tanh,
+    "laplace": lambda x: 0.5 * (1.0 + torch.erf((x - 0.707107) / (0.282095 * math.sqrt(2.0)))),
+    "sqrtsoftplus": lambda x: torch.sqrt(_softplus(x)),
+    "linear": lambda x: x,
+}
+
+
+def activation_formula(name: str | None):
+    if name not in ACTIVATION_FORMULAS:
+        raise ValueError(f"the reference has no formula for activation {name!r}; it knows "
+                         f"{', '.join(ACTIVATION_FORMULAS)}")
+    return ACTIVATION_FORMULAS[name]
+
+
+def _swiglu(x_H: torch.Tensor, gate_IH: torch.Tensor, up_IH: torch.Tensor, down_HI: torch.Tensor,
+            activation: str = "silu") -> torch.Tensor:
+    """down(act(gate x) * up x): SwiGLU for silu, GeGLU for gelu, ..."""
+    return down_HI @ (activation_formula(activation)(gate_IH @ x_H) * (up_IH @ x_H))
 
 
 @dataclass
@@ -91,6 +141,8 @@ class BlockWeights:
     shared_up_IH: torch.Tensor | None = None
     shared_down_HI: torch.Tensor | None = None
     shared_gate_vector_H: torch.Tensor | None = None  # sigmoid-gated shared expert
+    activation: str = "silu"               # the routed experts' (a name in ACTIVATION_FORMULAS)
+    shared_activation: str | None = "silu"  # the shared expert's
 
 
 def reference_block(spec: RoutingSpec, weights: BlockWeights, hidden_TH: torch.Tensor,
@@ -113,14 +165,15 @@ def reference_block(spec: RoutingSpec, weights: BlockWeights, hidden_TH: torch.T
         out_H = torch.zeros_like(x_H)
         for expert, weight in zip(route.experts, route.weights):
             gate_up = weights.gate_up_E2IH[expert].to(compute)
-            y_H = _swiglu(x_H, gate_up[:intermediate], gate_up[intermediate:], weights.down_EHI[expert].to(compute))
+            y_H = _swiglu(x_H, gate_up[:intermediate], gate_up[intermediate:], weights.down_EHI[expert].to(compute),
+                          weights.activation)
             if model_dtype != compute:
                 y_H = y_H.to(model_dtype).to(compute)  # experts emit the model dtype
             out_H = out_H + weight * y_H
         out_H = out_H.to(model_dtype).to(compute)
         if weights.shared_gate_IH is not None:
             shared_H = _swiglu(x_H, weights.shared_gate_IH.to(compute), weights.shared_up_IH.to(compute),
-                               weights.shared_down_HI.to(compute))
+                               weights.shared_down_HI.to(compute), weights.shared_activation)
             if weights.shared_gate_vector_H is not None:
                 shared_H = _sigmoid(weights.shared_gate_vector_H.to(compute) @ x_H) * shared_H
             out_H = out_H + shared_H
