@@ -20,8 +20,9 @@ def _cell_text(record: dict) -> str:
     """The outcome, and for a pass the largest difference from the reference."""
     text = SYMBOLS.get(record["status"], record["status"])
     if record["status"] == "fail" and record["subject"] != "autoep":
-        text = "fail (peer finding)"
-    diff = record.get("max_abs_diff", {}).get("subject~reference")
+        text = f"fail ({record.get('finding') or 'unclassified'})"
+    diffs = record.get("max_abs_diff", {})
+    diff = diffs.get("subject~reference", diffs.get("subject~original"))
     return f"{text} {diff:.1e}" if record["status"] == "pass" and diff is not None else text
 
 
@@ -39,7 +40,9 @@ def markdown(records: list[dict]) -> str:
               "loss and every gradient for zero-none cells (bf16 cells are bounded by relative L2 error; see "
               "conformance/tolerances.py); over the per-step losses and every final parameter after 3 AdamW "
               "steps for ZeRO cells (one step in bf16); for checkpoint cells (a -> b), over the 4 per-step losses and "
-              "every final parameter of 2 steps on a, save, Universal conversion, 2 steps on b.", ""]
+              "every final parameter of 2 steps on a, save, Universal conversion, 2 steps on b; for interop cells "
+              "(one process, judged against the stock Transformers model, conformance/interop.py), over "
+              "everything the family compares with the stock model.", ""]
     by_version: dict[str, list[dict]] = {}
     for record in records:
         by_version.setdefault(record["transformers"], []).append(record)
@@ -70,6 +73,8 @@ def markdown(records: list[dict]) -> str:
 
 
 def _column(record: dict) -> str:
+    if record.get("interop"):
+        return f"interop {record['interop']}"
     resume = f" -> {record['resume']}" if record.get("resume") else ""
     return f"zero-{record['zero_stage']} w{record['world_size']} ep{record['autoep_size']}{resume}"
 

@@ -24,6 +24,10 @@ def run_cell(cell: Cell, subject_name: str = "autoep") -> dict:
     started = time.perf_counter()
     if expectation.outcome in ("not_applicable", "not_implemented"):
         record["status"] = expectation.outcome
+    elif cell.interop and not hasattr(subject, "apply"):
+        record.update(status="not_applicable", reason=f"interop cells use the subject's in-process apply(); the "
+                                                      f"{subject_name} subject has none (it runs only inside "
+                                                      f"deepspeed.initialize)")
     elif (why := subject.unavailable_reason(cell)) is not None:
         record.update(status="skipped", reason=why)
     elif expectation.outcome == "rejected":
@@ -61,6 +65,8 @@ def _run_equivalence(cell: Cell, subject) -> dict:
     dtype = DTYPES[cell.dtype]
     if cell.resume is not None:
         return _run_checkpoint(cell, subject)
+    if cell.interop is not None:
+        return _run_interop(cell, subject)
     if cell.zero_stage != "none":
         return _run_training(cell, subject)
     try:
@@ -123,6 +129,25 @@ def _run_checkpoint(cell: Cell, subject) -> dict:
     except Exception:
         return {"status": "fail", "detail": traceback.format_exc()[-1500:]}
     return _checks_record(checks)
+
+
+def _run_interop(cell: Cell, subject) -> dict:
+    """An interop cell: the subject's model used with one Transformers/PyTorch feature, judged
+    against the stock model (conformance/interop.py)."""
+    from conformance.interop import run_family
+
+    try:
+        result = run_family(cell.interop, CASES_BY_ID[cell.case], subject, DTYPES[cell.dtype])
+    except Exception:
+        return {"status": "fail", "detail": traceback.format_exc()[-1500:]}
+    if result.not_applicable:
+        return {"status": "not_applicable", "reason": result.not_applicable, "findings": result.findings,
+                "measured": result.detail}
+    failures = result.failures()
+    finite = [check.max_abs_diff for check in result.checks if check.max_abs_diff != float("inf")]
+    return {"status": "pass" if not failures else "fail", "detail": "; ".join(failures[:5]),
+            "findings": result.findings, "measured": result.detail,
+            "max_abs_diff": {"subject~original": max(finite, default=0.0)}}
 
 
 def run_matrix(transformers: str, subject_name: str = "autoep", case_filter: str | None = None) -> list[dict]:

@@ -63,6 +63,12 @@ class AutoEPSubject:
 
         autoep.to_universal(input_folder, output_folder)
 
+    def save_pretrained(self, model: nn.Module, output_dir: str) -> None:
+        """The documented Hugging Face export (README): every expert gathered, stock names."""
+        import autoep
+
+        autoep.save_pretrained(model, output_dir)
+
     def expert_shards(self, model: nn.Module) -> dict[str, tuple[int, int]]:
         import autoep
 

@@ -64,7 +64,28 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("bfloat16", "multi"): Tolerance(1e-2, 0.0, "as bf16 single-process; reductions run in float32", "norm",
                                      baseline_factor=2.0),
     ("any", "checkpoint"): Tolerance(0.0, 0.0, "checkpoints store the same bits"),
+    # Interop param_order: the update (after - before) of one AdamW step (conformance.training.ADAMW,
+    # eps 1e-3, so the update amplifies gradient rounding by at most lr/eps = 1) from a loaded
+    # stock optimizer state. float32: gradients agree to ~1e-6 relative, the parameters (~0.3)
+    # carry 3e-8 of rounding, updates are ~1e-3: atol 1e-7 (3 ulps of a parameter) + rtol 1e-3.
+    # A state on the wrong parameter changes an update by O(lr) = 1e-3.
+    ("float32", "optimizer_step"): Tolerance(1e-3, 1e-7, "one AdamW step from the same state: update rounding "
+                                             "of ~0.3-sized float32 parameters plus 1e-6 relative gradient "
+                                             "differences"),
+    # bf16: an update of lr = 1e-3 is about one ulp of a 0.3-sized bf16 parameter (2^-10), so
+    # a 1% gradient difference flips the rounding of single elements by a whole update; the
+    # update is bounded in relative L2 norm. The optimizer state's placement is checked
+    # bit-exactly on its own (interop._state_on_same_names), which is what catches a misorder.
+    ("bfloat16", "optimizer_step"): Tolerance(0.5, 0.0, "bf16 AdamW updates are ~1 ulp: single elements round "
+                                              "either way; relative L2 of the update", "norm"),
 }
+
+# Interop generate: a greedy pick whose top-1 / top-2 logit gap is below this fraction of the
+# largest |logit| counts as a near-tie (the prompt is redrawn). bf16: the subject's logits may
+# differ from Transformers' by ~1% relative (the bf16 bound above), elementwise by a few ulps
+# (2^-8 = 0.4% of the largest logit each); 3% is ~8 ulps, beyond what two correct bf16
+# implementations part by. float32: 100x the float32 elementwise bound.
+ARGMAX_NEAR_TIE = {"float32": 1e-3, "bfloat16": 3e-2}
 
 
 def tolerance(dtype: torch.dtype | str, kind: str = "single") -> Tolerance:

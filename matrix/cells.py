@@ -2,7 +2,8 @@
 
 A cell is (Transformers version, model case, ZeRO stage, world size, autoep_size, dtype), and
 for a checkpoint cell the topology training resumes on (``resume``: ``w<world>-ep<autoep_size>``)
-after a save and a Universal conversion.
+after a save and a Universal conversion; for an interop cell (``interop``: a family of
+conformance/interop.py) the feature the subject's model is used with, one process, autoep_size 1.
 ``expected(cell)`` says what must happen: ``pass``, ``rejected`` (with the error class
 that must be raised), ``not_applicable`` (with the reason) or ``not_implemented`` (a
 capability that a later issue adds; listed, never silently absent).
@@ -36,6 +37,10 @@ RESUMES = (((4, 2), (2, 1)), ((2, 2), (4, 4)), ((4, 4), (4, 2)))
 CHECKPOINT_STAGES = (1, 2, 3)
 CHECKPOINT_CASES = {"mixtral": TRANSFORMERS_VERSIONS, "qwen2_moe": (DEFAULT_TRANSFORMERS,),
                     "deepseek_v3": (DEFAULT_TRANSFORMERS,)}
+# Interop cells: every default case x dtype on every version, one process, judged against the
+# stock model (torch.compile, parameter order + stock optimizer state, generate, gradient
+# checkpointing, save_pretrained -> from_pretrained). Names as in conformance/interop.FAMILIES.
+INTEROP_FAMILIES = ("compile", "param_order", "generate", "grad_checkpointing", "hf_roundtrip")
 
 
 @dataclass(frozen=True)
@@ -47,15 +52,19 @@ class Cell:
     autoep_size: int
     dtype: str
     resume: str | None = None  # checkpoint cells: "w<world>-ep<autoep_size>" resumed on
+    interop: str | None = None  # interop cells: the family (INTEROP_FAMILIES)
 
     @property
     def id(self) -> str:
         resume = f"->{self.resume}" if self.resume else ""
+        interop = f"/interop-{self.interop}" if self.interop else ""
         return (f"tf{self.transformers}/{self.case}/zero-{self.zero_stage}/w{self.world_size}"
-                f"-ep{self.autoep_size}{resume}/{self.dtype}")
+                f"-ep{self.autoep_size}{resume}{interop}/{self.dtype}")
 
     @property
     def topology(self) -> str:
+        if self.interop:
+            return f"interop {self.interop}"
         resume = f" -> {self.resume.replace('-', ' ')} (checkpoint)" if self.resume else ""
         return f"zero-{self.zero_stage} w{self.world_size} ep{self.autoep_size}{resume}"
 
@@ -79,7 +88,8 @@ class Expectation:
 
 def cells() -> list[Cell]:
     """Every cell: default cases on every topology and dtype; routing variants on the
-    one-process topology (their routing does not interact with parallelism)."""
+    one-process topology (their routing does not interact with parallelism); the interop
+    families for every default case and dtype."""
     result = []
     for version in TRANSFORMERS_VERSIONS:
         for case in DEFAULT_CASES:
@@ -95,6 +105,10 @@ def cells() -> list[Cell]:
                     for (world, ep), (target_world, target_ep) in RESUMES:
                         result.append(Cell(version, case_id, stage, world, ep, "float32",
                                            f"w{target_world}-ep{target_ep}"))
+        for case in DEFAULT_CASES:
+            for family in INTEROP_FAMILIES:
+                for dtype in DTYPES:
+                    result.append(Cell(version, case.id, "none", 1, 1, dtype, interop=family))
     return result
 
 
