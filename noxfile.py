@@ -3,6 +3,8 @@
     nox -s conformance   the default small matrix, one session per Transformers version
     nox -s tests         the unit tests (newest pinned Transformers)
     nox -s bench         the MoE layer benchmark (`-- --quick` for a smoke run, `-- --out FILE`)
+    nox -s mutants       the mutant bank: every planted bug must be killed by the suite (kill table,
+                         mutants-report.json; `-- --mutant ID`, `-- --profile full`)
 """
 
 import nox
@@ -50,3 +52,11 @@ def bench(session):
     _install(session, NEWEST)
     session.env["PYTHONPATH"] = "."
     session.run("python", "-m", "benchmarks.moe_layer", *session.posargs)
+
+
+@nox.session(python="3.11")
+def mutants(session):
+    """Run the mutant bank (mutants/) on the matrix cells where each bug is active; fails on a survivor."""
+    _install(session, NEWEST)
+    session.env["PYTHONPATH"] = "."
+    session.run("python", "-m", "mutants", *session.posargs)

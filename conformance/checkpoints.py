@@ -120,6 +120,8 @@ def resume_elsewhere(case_id: str, zero_stage: int, source: tuple[int, int], tar
     saved, universal = os.path.join(folder, "saved"), os.path.join(folder, "universal")
     first = launch.run(source[0], train_on_rank, case_id, subject_name, "float32", 0,
                        dataclasses.replace(setups["source"], steps=steps_before), batches, save_to=saved)
+    reloaded = launch.run(source[0], reload_on_rank, case_id, subject_name,
+                          dataclasses.replace(setups["source"], steps=steps_before), saved)
     subject_by_name(subject_name).to_universal(saved, universal)
     second = launch.run(target[0], train_on_rank, case_id, subject_name, "float32", 0, setups["target"], batches,
                         first_step=steps_before, load_universal=universal)
@@ -130,4 +132,33 @@ def resume_elsewhere(case_id: str, zero_stage: int, source: tuple[int, int], tar
     tol = tolerance(torch.float32, "multi")
     got = assemble(second)
     return [compare("per-step loss", torch.tensor(losses), want["losses"], tol)] + \
-        [compare(f"param {name}", got[name], value, tol) for name, value in want["params"].items()]
+        [compare(f"param {name}", got[name], value, tol) for name, value in want["params"].items()] + \
+        reload_checks(assemble(reloaded), assemble(first))
+
+
+def reload_on_rank(case_id: str, subject_name: str, setup: TrainingSetup, folder: str) -> dict:
+    """Rank side: a fresh engine (other initial weights) at the topology that saved ``folder``
+    loads it the regular way, weights only ("no_optimizer_states": the live weights come from
+    the model files, and under ZeRO 0-2 each EP rank's experts from AutoEP's expert files, not
+    from the optimizer's fp32 partitions, which would hide a wrong expert file); returns its
+    parameters as :func:`conformance.training.train_on_rank` does."""
+    import os
+
+    from conformance.subjects import subject_by_name
+
+    subject = subject_by_name(subject_name)
+    with process_globals_restored():
+        engine = build_engine(case_id, subject_name, "float32", 1, setup)
+        path, _ = engine.load_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder),
+                                         **LOAD_MODES["no_optimizer_states"])
+        if path is None:
+            raise RuntimeError(f"nothing was loaded from {folder}")
+        return {"params": subject.full_parameters(engine), "expert_shards": subject.expert_shards(engine.module)}
+
+
+def reload_checks(reloaded: dict, saved: dict) -> list:
+    """The weights a same-topology regular load restores equal the saved ones, bit for bit."""
+    from conformance.tolerances import compare, tolerance
+
+    tol = tolerance(torch.float32, "checkpoint")
+    return [compare(f"regular reload: param {name}", reloaded[name], value, tol) for name, value in saved.items()]
