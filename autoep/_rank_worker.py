@@ -20,12 +20,30 @@ from multiprocessing.connection import Client
 from autoep.launch import receive, send
 
 
+def ended_unreaped(pid: int) -> bool:
+    """True when ``pid`` has exited but was not reaped (a zombie): its pid then stays our
+    parent's pid, so ``getppid()`` alone cannot tell (measured in a container whose init does not
+    reap: the ranks of a killed pool ran on for half an hour)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            # "pid (comm) state ...": comm may hold spaces and parentheses, so split after the last ')'
+            return handle.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except (OSError, IndexError):  # no /proc (not Linux), or the entry vanished
+        return False
+
+
+def parent_gone(parent_pid: int) -> bool:
+    """True once the pool's process has ended: this process was re-parented, or the parent is a
+    zombie nobody reaps."""
+    return os.getppid() != parent_pid or ended_unreaped(parent_pid)
+
+
 def _exit_when_parent_dies(parent_pid: int) -> None:
     # A rank blocked in a collective never reads its connection again; this thread ends the
     # process once the parent is gone (killed, crashed, Ctrl-C), so no rank outlives its pool,
     # and with it every process it started (the pool starts each rank as a process group leader).
     while True:
-        if os.getppid() != parent_pid:
+        if parent_gone(parent_pid):
             if os.getpgrp() == os.getpid():
                 os.killpg(os.getpid(), signal.SIGKILL)  # the group, this process included
             os._exit(3)

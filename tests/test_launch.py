@@ -236,3 +236,21 @@ def test_a_stray_store_client_cannot_disturb_a_run():
         for key in _PLAUSIBLE_KEYS:
             stray.delete_key(key)
         assert pool.run(rank_facts, 1.0)[0]["sum"] == 3.0  # the pool still works
+
+
+def test_a_zombie_parent_counts_as_gone():
+    """A rank's watchdog must notice a pool process that died but was never reaped (a container
+    init that does not reap keeps it as a zombie, and getppid() still names it): ranks of a
+    killed pool ran on for half an hour before this check."""
+    from autoep._rank_worker import ended_unreaped, parent_gone
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 30
+        while not ended_unreaped(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)  # exited, not yet reaped: a zombie
+        assert ended_unreaped(child.pid), "an exited, unreaped process was not seen as ended"
+        assert not ended_unreaped(os.getpid()), "a running process was seen as ended"
+        assert not parent_gone(os.getppid()) and parent_gone(os.getpid())
+    finally:
+        child.wait()
