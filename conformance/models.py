@@ -125,6 +125,10 @@ VARIANT_CASES = [
     _case("deepseek_v2-group_limited", "deepseek_v2", "deepseek_v2", "deepseek_v2", "DeepseekV2",
           dict(DEEPSEEK_V2, n_routed_experts=8, topk_method="group_limited_greedy", n_group=4, topk_group=2,
                num_experts_per_tok=3, routed_scaling_factor=2.5), has_aux_loss=False),
+    # As the published DeepSeek-V2-Lite config: greedy routing with a single group (finding DS-3:
+    # DeepSpeed's AutoEP routes greedy + n_group > 1 group-limited, and matches with n_group=1).
+    _case("deepseek_v2-greedy-n_group1", "deepseek_v2", "deepseek_v2", "deepseek_v2", "DeepseekV2",
+          dict(DEEPSEEK_V2, n_group=1, topk_group=1), has_aux_loss=False),
     _case("deepseek_v2-E6-top1", "deepseek_v2", "deepseek_v2", "deepseek_v2", "DeepseekV2",
           dict(DEEPSEEK_V2, n_routed_experts=6, num_experts_per_tok=1, routed_scaling_factor=0.5), has_aux_loss=False),
     _case("deepseek_v3-grouped-scaled", "deepseek_v3", "deepseek_v3", "deepseek_v3", "DeepseekV3",

@@ -8,6 +8,7 @@ import traceback
 
 import torch
 
+from conformance import findings
 from conformance.equivalence import block_equivalence, model_equivalence
 from conformance.models import CASES_BY_ID, ModelSnapshot
 from conformance.subjects import SUBJECTS
@@ -37,6 +38,7 @@ def run_cell(cell: Cell, subject_name: str = "autoep") -> dict:
             record.update(_run_rejection(cell, subject, expectation.error))
     else:
         record.update(_run_equivalence(cell, subject))
+    record.update(findings.label(record, cell, subject))  # a peer's failure gets its finding id
     record["seconds"] = round(time.perf_counter() - started, 3)
     return record
 
@@ -156,4 +158,5 @@ def run_matrix(transformers: str, subject_name: str = "autoep", case_filter: str
         if case_filter and case_filter not in cell.case:
             continue
         records.append(run_cell(cell, subject_name))
+    records += findings.rejection_records(transformers, subject_name, case_filter)  # a peer's labelled rejection
     return records

@@ -14,6 +14,8 @@ from torch import nn
 
 class Subject(Protocol):
     name: str
+    # How its documentation says to give it an optimizer (conformance.training.OPTIMIZER_ROUTES).
+    optimizer_route: str
 
     def unavailable_reason(self, cell=None) -> str | None:
         """None when the subject can run here (and this matrix cell), else why not."""
@@ -40,6 +42,7 @@ class Subject(Protocol):
 
 class AutoEPSubject:
     name = "autoep"
+    optimizer_route = "client"  # README: any client optimizer over model.parameters()
 
     def unavailable_reason(self, cell=None) -> str | None:
         return None
@@ -107,6 +110,7 @@ class PlainDeepSpeedSubject:
     baseline that measures what DeepSpeed's own bf16 training departs from the fp32 reference."""
 
     name = "conformance.subjects:PLAIN_DEEPSPEED"
+    optimizer_route = "client"
 
     def unavailable_reason(self, cell=None) -> str | None:
         return None
@@ -134,9 +138,15 @@ class DeepSpeedBuiltinSubject:
 
     Its layer renames parameters (``router.gate.weight``; experts split into ``w1`` gate,
     ``w3`` up, ``w2`` down; ``shared_experts``, ``shared_experts_gate``); they are mapped back
-    to the Transformers names (gate and up stacked into ``gate_up_proj``) for comparison."""
+    to the Transformers names (gate and up stacked into ``gate_up_proj``) for comparison.
+
+    Its optimizer comes from the config's ``"optimizer"`` block, as DeepSpeed documents for MoE
+    models: the engine then builds the MoE parameter groups itself. A plain client optimizer
+    built before ``initialize`` keeps one non-MoE group, which DeepSpeed's ZeRO-1/2 refuse
+    (finding DS-0, a documented rejection; conformance/findings.py)."""
 
     name = "deepspeed"
+    optimizer_route = "config"
 
     def unavailable_reason(self, cell=None) -> str | None:
         try:

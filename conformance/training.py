@@ -10,6 +10,7 @@ accumulation step g takes micro-batch ``g * W + r`` of the step's global batch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -49,8 +50,12 @@ class TrainingSetup:
     grad_accum: int = 1
     micro_batch: int = 1
     seq_len: int = 8
-    client_optimizer: bool = True
+    client_optimizer: bool = True  # False: the config's "optimizer" block, whatever the subject's route
     zero3_low_persistence: bool = False  # stage3_param_persistence_threshold tiny: routers partitioned too
+    # How the optimizer reaches deepspeed.initialize (OPTIMIZER_ROUTES); None: the subject's own route.
+    optimizer_route: str | None = None
+    # The models' router_aux_loss_coef (None: the case's, 0.1); 0 judges a run apart from its aux loss.
+    aux_loss_coef: float | None = None
 
 
 def deepspeed_config(setup: TrainingSetup, dtype_name: str) -> dict:
@@ -68,10 +73,52 @@ def deepspeed_config(setup: TrainingSetup, dtype_name: str) -> dict:
     if setup.zero3_low_persistence:
         config["zero_optimization"].update(stage3_param_persistence_threshold=1, stage3_max_live_parameters=1e9)
     if not setup.client_optimizer:
-        config["optimizer"] = {"type": "AdamW", "params": {"lr": ADAMW["lr"], "betas": list(ADAMW["betas"]),
-                                                           "eps": ADAMW["eps"], "weight_decay": ADAMW["weight_decay"],
-                                                           "torch_adam": True}}
+        config["optimizer"] = copy.deepcopy(CONFIG_ADAMW)
     return config
+
+
+# The config's "optimizer" block equal to the reference's torch.optim.AdamW(**ADAMW): "torch_adam"
+# makes DeepSpeed build torch.optim.AdamW itself (engine.get_optimizer_configuration), the same
+# algorithm (decoupled weight decay on every parameter, bias correction, eps outside the square
+# root); without it DeepSpeed picks FusedAdam or DeepSpeedCPUAdam, other implementations.
+CONFIG_ADAMW = {"type": "AdamW", "params": {"lr": ADAMW["lr"], "betas": list(ADAMW["betas"]), "eps": ADAMW["eps"],
+                                            "weight_decay": ADAMW["weight_decay"], "torch_adam": True}}
+# "client": torch.optim.AdamW(model.parameters()) built before deepspeed.initialize; "config": the
+# config's "optimizer" block (CONFIG_ADAMW), from which DeepSpeed builds the MoE parameter groups
+# itself; "moe_groups_callable": a callable that DeepSpeed calls with the parameters after its
+# module replacement, splitting them with split_params_into_different_moe_groups_for_optimizer
+# (DeepSpeed's documented way for a client optimizer of a model with MoE layers).
+OPTIMIZER_ROUTES = ("client", "config", "moe_groups_callable")
+
+
+def moe_groups_adamw(parameters) -> torch.optim.AdamW:
+    """torch AdamW(**ADAMW) over DeepSpeed's MoE parameter groups of ``parameters``."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    groups = split_params_into_different_moe_groups_for_optimizer({"params": list(parameters), "name": "dense"})
+    return torch.optim.AdamW(groups, **ADAMW)
+
+
+def optimizer_for(route: str, model: torch.nn.Module, config: dict):
+    """(what ``deepspeed.initialize`` gets as ``optimizer``, the config) for an OPTIMIZER_ROUTES route."""
+    if route == "client":
+        return torch.optim.AdamW(model.parameters(), **ADAMW), config
+    if route == "config":
+        return None, {**config, "optimizer": copy.deepcopy(CONFIG_ADAMW)}
+    if route == "moe_groups_callable":
+        return moe_groups_adamw, config
+    raise ValueError(f"optimizer route {route!r}: expected one of {OPTIMIZER_ROUTES}")
+
+
+def build_model(case: ModelCase, seed: int, dtype: torch.dtype, setup: TrainingSetup) -> torch.nn.Module:
+    """The case's model (weights from ``seed``) with the setup's aux-loss coefficient, if it sets one."""
+    model = case.build(seed=seed, dtype=dtype)
+    if setup.aux_loss_coef is not None:
+        if not hasattr(model, "router_aux_loss_coef"):
+            raise ValueError(f"aux_loss_coef={setup.aux_loss_coef}: case {case.id!r} has no router_aux_loss_coef")
+        model.router_aux_loss_coef = setup.aux_loss_coef
+        model.config.router_aux_loss_coef = setup.aux_loss_coef
+    return model
 
 
 def global_batches(vocab: int, world_size: int, setup: TrainingSetup, seed: int = 123) -> torch.Tensor:
@@ -137,16 +184,20 @@ def process_globals_restored():
 
 def build_engine(case_id: str, subject_name: str, dtype_name: str, seed: int, setup: TrainingSetup,
                  load_universal: bool = False):
-    """Rank side: the subject's engine for the case's model (weights from ``seed``), with a
-    client AdamW unless the setup takes the optimizer from the config."""
+    """Rank side: the subject's engine for the case's model (weights from ``seed``), its AdamW
+    built the subject's way (``optimizer_route``, see OPTIMIZER_ROUTES), or the setup's."""
     from conformance.subjects import subject_by_name
 
-    model = CASES_BY_ID[case_id].build(seed=seed, dtype=torch.float32).train()
-    optimizer = torch.optim.AdamW(model.parameters(), **ADAMW) if setup.client_optimizer else None
+    subject = subject_by_name(subject_name)
+    model = build_model(CASES_BY_ID[case_id], seed, torch.float32, setup).train()
     config = deepspeed_config(setup, dtype_name)
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
-    return subject_by_name(subject_name).initialize(model, config, optimizer)
+    if not setup.client_optimizer:
+        return subject.initialize(model, config, None)
+    route = setup.optimizer_route or getattr(subject, "optimizer_route", "client")
+    optimizer, config = optimizer_for(route, model, config)
+    return subject.initialize(model, config, optimizer)
 
 
 def train_steps(engine, batches: torch.Tensor, steps, setup: TrainingSetup) -> list[float]:
@@ -198,7 +249,7 @@ def reference_training(case: ModelCase, dtype: torch.dtype, seed: int, setup: Tr
     """Single-process PyTorch AdamW in float32 on the original model, same micro-batches, same
     objective. For a bf16 subject it starts from the bf16-rounded weights (what DeepSpeed's
     fp32 master weights start from), so that only the training arithmetic differs."""
-    model = case.build(seed=seed, dtype=dtype).float().train()
+    model = build_model(case, seed, dtype, setup).float().train()
     optimizer = torch.optim.AdamW(model.parameters(), **ADAMW)
     count = world_size * setup.grad_accum
     losses = []

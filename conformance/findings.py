@@ -1,0 +1,222 @@
+"""Findings about peer subjects: one entry per class of peer failure, each with its cause, where
+it applies, the signature that recognises it in a cell's record, and the test that reproduces it.
+
+A peer's failing cell gets the id of the finding whose signature it carries (``label``); one that
+matches none stays "fail (unclassified)". A semantic difference from the host Transformers is
+labelled as such, and the rest of its cell is judged apart from it. The exit status of the suite
+depends on the ``autoep`` subject only; none of this applies to it.
+"""
+
+from __future__ import annotations
+
+import re
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+from packaging.version import Version
+
+TEST = "tests/test_findings.py::"
+
+
+@dataclass(frozen=True)
+class Finding:
+    id: str
+    kind: str  # "peer failure" | "semantic difference" | "documented rejection"
+    subject: str
+    cause: str  # one line
+    affects: str  # Transformers versions and cases, in words
+    applies: Callable[[dict], bool]  # on a cell record (transformers, case, zero_stage, resume, ...)
+    signature: str | None  # regex searched in the failure detail (None: numeric, see ``applies``)
+    reproduced_by: str
+
+    def matches(self, record: dict) -> bool:
+        if not self.applies(record):
+            return False
+        detail = record.get("detail", "")
+        if self.signature is None:  # a numeric signature: values compared and found apart, nothing raised
+            return "Traceback" not in detail
+        return re.search(self.signature, detail) is not None
+
+    def text(self) -> str:
+        return f"{self.id} ({self.kind}): {self.cause} [{self.affects}; reproduced by {self.reproduced_by}]"
+
+
+def _version(record: dict) -> Version:
+    return Version(record["transformers"])
+
+
+def _case_kwargs(record: dict) -> dict:
+    from conformance.models import CASES_BY_ID
+
+    case = CASES_BY_ID.get(record["case"])
+    return case.kwargs if case is not None else {}
+
+
+def _has_aux_loss(record: dict) -> bool:
+    from conformance.models import CASES_BY_ID
+
+    case = CASES_BY_ID.get(record["case"])
+    return case is not None and case.has_aux_loss
+
+
+def _greedy_with_groups(record: dict) -> bool:
+    kwargs = _case_kwargs(record)
+    return kwargs.get("topk_method") == "greedy" and (kwargs.get("n_group") or 1) > 1
+
+
+RECORDER_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_5_moe")
+
+FINDINGS = [
+    Finding("DS-0", "documented rejection", "deepspeed",
+            "a plain client optimizer (one non-MoE parameter group, built before deepspeed.initialize) is refused "
+            "by ZeRO-1/2: 'The model has moe layers, but None of the param groups are marked as MoE'; DeepSpeed "
+            "documents the config \"optimizer\" block or split_params_into_different_moe_groups_for_optimizer",
+            "every version and case, ZeRO-1/2",
+            lambda r: str(r["zero_stage"]) in ("1", "2"),
+            r"AssertionError: The model has moe layers, but None of the param groups are marked as MoE",
+            TEST + "test_ds0_plain_client_optimizer_is_refused_and_split_groups_train_right"),
+    Finding("DS-1", "peer failure", "deepspeed",
+            "DeepSpeed's AutoEP installs its router-logits recorder with the pre-5.23 signature of Transformers' "
+            "_CanRecordRegistry.get (two arguments); 5.23 added one, so building the engine raises TypeError",
+            "Transformers >= 5.23; mixtral, qwen2_moe, qwen3_moe, qwen3_5_moe (the families with an aux loss)",
+            lambda r: _version(r) >= Version("5.23") and r["case"].split("-")[0] in RECORDER_FAMILIES,
+            r"TypeError: _CanRecordRegistry\.get\(\) takes 2 positional arguments but 3 were given",
+            TEST + "test_ds1_recorder_registry_type_error_on_transformers_5_23_and_later"),
+    Finding("DS-2", "peer failure", "deepspeed",
+            "DeepSpeed's import of Transformers' output recorder fails silently on 5.0, so no router logits are "
+            "recorded and load_balancing_loss_func returns the int 0: 'int' object has no attribute 'to'",
+            "Transformers 5.0.x; the cases with an aux loss",
+            lambda r: Version("5.0") <= _version(r) < Version("5.1") and _has_aux_loss(r),
+            r"AttributeError: 'int' object has no attribute 'to'",
+            TEST + "test_ds2_no_router_logits_recorded_on_transformers_5_0"),
+    Finding("DS-3", "peer failure", "deepspeed",
+            "DeepSpeed copies n_group/topk_group into its router and routes group-limited where Transformers' "
+            "topk_method='greedy' ignores the groups (logits off by up to 1.35); n_group=1 matches",
+            "every version; deepseek_v2 with topk_method='greedy' and n_group > 1 (the default deepseek_v2 case)",
+            lambda r: r["case"].startswith("deepseek_v2") and _greedy_with_groups(r),
+            None,
+            TEST + "test_ds3_deepseek_v2_greedy_routes_group_limited_when_n_group_above_1"),
+    Finding("DS-4", "peer failure", "deepspeed",
+            "after a ZeRO-3 Universal load every optimizer sub-group holds the same 'step' tensor; torch AdamW "
+            "increments it in place once per sub-group, so bias correction runs ahead and the parameters drift "
+            "(~2e-4; unshared, 6e-8)",
+            "every version and case; ZeRO-3 checkpoint (Universal resume) cells with a torch optimizer",
+            lambda r: str(r["zero_stage"]) == "3" and bool(r.get("resume")),
+            None,
+            TEST + "test_ds4_zero3_universal_load_shares_one_step_tensor_between_sub_groups"),
+    Finding("DS-5", "semantic difference", "deepspeed",
+            "DeepSpeed records raw gate logits where Transformers 5.0-5.2 records softmax probabilities (and "
+            "softmaxes again in load_balancing_loss_func): the aux loss differs (mixtral 2.0449 vs 2.0101) while "
+            "logits match; the rest of the cell is judged with the aux coefficient 0",
+            "Transformers 5.0-5.2 (5.0 is hidden by DS-2); the cases with an aux loss",
+            lambda r: Version("5.0") <= _version(r) < Version("5.3") and _has_aux_loss(r),
+            None,
+            TEST + "test_ds5_aux_loss_input_differs_on_transformers_5_0_to_5_2"),
+]
+FINDINGS_BY_ID = {finding.id: finding for finding in FINDINGS}
+
+
+def classify(record: dict) -> Finding | None:
+    """The peer-failure finding whose signature a failing record carries (DS-0 and DS-5 are
+    matched where they are run, not here), or None."""
+    for finding in FINDINGS:
+        if finding.kind == "peer failure" and finding.subject == record["subject"] and finding.matches(record):
+            return finding
+    return None
+
+
+def label(record: dict, cell, subject) -> dict:
+    """Updates for a finished cell record of a peer subject: a failure gets its finding id (or
+    ``finding: None``, "fail (unclassified)"); a cell with a semantic difference is judged again
+    without it (aux coefficient 0) and labelled. Records of ``autoep`` are left as they are."""
+    if subject.name == "autoep" or record.get("status") != "fail":
+        return {}
+    semantic = FINDINGS_BY_ID["DS-5"]
+    finding = classify(record)
+    if finding is None and semantic.subject == subject.name and semantic.matches(record):
+        if cell.zero_stage != "none" and cell.resume is None:
+            return _judged_without_aux_loss(record, cell, subject, semantic)
+        finding = semantic  # a checkpoint cell: labelled, not run again without the aux loss
+    if finding is None:
+        return {"finding": None, "findings": record.get("findings", []) + ["unclassified peer failure"]}
+    return {"finding": finding.id, "findings": record.get("findings", []) + [finding.text()]}
+
+
+def _judged_without_aux_loss(record: dict, cell, subject, finding: Finding) -> dict:
+    """The training cell again with router_aux_loss_coef 0: its status is the cell's; the first
+    run's differences are the semantic difference's measurement."""
+    import torch
+
+    from conformance.models import CASES_BY_ID
+    from conformance.runner import _checks_record
+    from conformance.training import TrainingSetup, compare_training
+
+    setup = TrainingSetup(int(cell.zero_stage), cell.autoep_size, aux_loss_coef=0.0)
+    try:
+        judged = _checks_record(compare_training(CASES_BY_ID[cell.case], subject, torch.float32, setup,
+                                                 cell.world_size))
+    except Exception:
+        judged = {"status": "fail", "detail": traceback.format_exc()[-1500:]}
+    measured = f"with the aux coefficient 0.1: {record.get('detail', '')[:300]}"
+    return {**judged, "semantic_difference": finding.id, "aux_loss_coef": 0.0,
+            "findings": record.get("findings", []) + [f"{finding.text()}; measured {measured}"]}
+
+
+# The labelled rejection cell of a peer: driven against its documentation, it must refuse.
+REJECTION_CELLS = {"deepspeed": dict(finding="DS-0", case="deepseek_v3", zero_stage=2, world_size=2, autoep_size=2,
+                                     optimizer_route="client")}
+
+
+def rejection_records(transformers: str, subject_name: str, case_filter: str | None = None) -> list[dict]:
+    """The subject's labelled rejection cell (none for ``autoep``): "rejected_as_expected" when
+    the engine refuses with the finding's signature, else "fail"."""
+    spec = REJECTION_CELLS.get(subject_name)
+    if spec is None or (case_filter and case_filter not in spec["case"]):
+        return []
+    import time
+
+    from autoep import launch
+    from conformance.subjects import SUBJECTS
+
+    finding = FINDINGS_BY_ID[spec["finding"]]
+    record = {"cell": f"tf{transformers}/{spec['case']}/zero-{spec['zero_stage']}/w{spec['world_size']}-ep"
+                      f"{spec['autoep_size']}/float32/optimizer-{spec['optimizer_route']}",
+              "transformers": transformers, "case": spec["case"], "zero_stage": spec["zero_stage"],
+              "world_size": spec["world_size"], "autoep_size": spec["autoep_size"], "dtype": "float32",
+              "resume": None, "interop": None, "optimizer_route": spec["optimizer_route"], "subject": subject_name,
+              "expected": "rejected", "reason": finding.cause, "finding": finding.id, "findings": [finding.text()]}
+    started = time.perf_counter()
+    if (why := SUBJECTS[subject_name].unavailable_reason()) is not None:
+        record.update(status="skipped", reason=why)
+        return [record]
+    outcomes = launch.run(spec["world_size"], engine_outcome_on_rank, spec["case"], subject_name,
+                          spec["zero_stage"], spec["autoep_size"], spec["optimizer_route"])
+    refused = all(re.search(finding.signature, outcome or "") for outcome in outcomes)
+    record.update(status="rejected_as_expected" if refused else "fail",
+                  detail=(outcomes[0] or "the engine was built: no rejection")[-400:],
+                  seconds=round(time.perf_counter() - started, 3))
+    return [record]
+
+
+def engine_outcome_on_rank(case_id: str, subject_name: str, zero_stage: int, autoep_size: int,
+                           optimizer_route: str | None = None, aux_loss_coef: float | None = None) -> str | None:
+    """Rank side: build the subject's engine; None if it was built, else the error as
+    "Type: message" (with the last traceback lines)."""
+    from conformance.training import TrainingSetup, build_engine, process_globals_restored
+
+    setup = TrainingSetup(zero_stage, autoep_size, optimizer_route=optimizer_route, aux_loss_coef=aux_loss_coef)
+    with process_globals_restored():
+        try:
+            build_engine(case_id, subject_name, "float32", 0, setup)
+        except Exception as error:
+            return "".join(traceback.format_exception_only(error)).strip()
+    return None
+
+
+def table() -> str:
+    """The findings as a Markdown table (for the report)."""
+    lines = ["| id | kind | cause | affects | reproduced by |", "|---|---|---|---|---|"]
+    for f in FINDINGS:
+        lines.append(f"| {f.id} | {f.kind} | {f.cause} | {f.affects} | `{f.reproduced_by}` |")
+    return "\n".join(lines)

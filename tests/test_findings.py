@@ -1,0 +1,227 @@
+"""Each finding about the DeepSpeed peer (conformance/findings.py) reproduced precisely, one small
+run each, and the peer driven the way DeepSpeed documents (config "optimizer" block, or a callable
+that splits the MoE parameter groups) training right where DeepSpeed's AutoEP works."""
+
+import os
+import re
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import pytest
+import torch
+import transformers
+from packaging.version import Version
+
+from autoep import launch
+from conformance import findings
+from conformance.findings import FINDINGS_BY_ID, classify, engine_outcome_on_rank, label, rejection_records
+from conformance.models import CASES_BY_ID
+from conformance.subjects import SUBJECTS
+from conformance.tolerances import tolerance
+from conformance.training import TrainingSetup, build_engine, compare_training, process_globals_restored, train_steps
+
+pytestmark = pytest.mark.xdist_group("ranks")
+
+DEEPSPEED = SUBJECTS["deepspeed"]
+TRANSFORMERS = Version(transformers.__version__)
+
+
+def _needs_peer():
+    if (why := DEEPSPEED.unavailable_reason()) is not None:
+        pytest.skip(why)
+
+
+def _failures(checks) -> list[str]:
+    return [str(check) for check in checks if not check.ok]
+
+
+def _record(case, detail, version=transformers.__version__, zero_stage=2, resume=None, subject="deepspeed"):
+    return {"transformers": version, "case": case, "zero_stage": zero_stage, "resume": resume, "subject": subject,
+            "status": "fail", "detail": detail, "findings": []}
+
+
+# --- the registry and the labelling of records (no processes) ---------------------------------
+
+def test_every_finding_names_an_existing_test_and_failures_are_classified_by_signature():
+    import sys
+
+    module = sys.modules[__name__]
+    for finding in findings.FINDINGS:
+        assert finding.reproduced_by.startswith(findings.TEST), finding.id
+        assert hasattr(module, finding.reproduced_by.split("::")[1]), finding.reproduced_by
+    ds1 = "Traceback ...\nTypeError: _CanRecordRegistry.get() takes 2 positional arguments but 3 were given"
+    assert classify(_record("mixtral", ds1, "5.24.0")).id == "DS-1"
+    assert classify(_record("mixtral", ds1, "5.22.2")) is None  # outside the finding's versions
+    ds2 = "Traceback ...\nAttributeError: 'int' object has no attribute 'to'"
+    assert classify(_record("qwen3_moe", ds2, "5.0.0")).id == "DS-2"
+    assert classify(_record("deepseek_v2", "per-step loss: max|diff| 0.3", "5.24.0")).id == "DS-3"
+    assert classify(_record("deepseek_v2-greedy-n_group1", "per-step loss: max|diff| 0.3")) is None
+    assert classify(_record("mixtral", "param x: max|diff| 2e-4", zero_stage=3, resume="w2-ep1")).id == "DS-4"
+    assert classify(_record("mixtral", "Traceback ...\nRuntimeError: something else", "5.24.0")) is None
+
+
+def test_label_leaves_autoep_records_alone_and_marks_unclassified_peer_failures():
+    class Cell:
+        zero_stage, resume = 2, None
+
+    autoep_record = _record("mixtral", "Traceback\nTypeError: x", subject="autoep")
+    assert label(autoep_record, Cell, SUBJECTS["autoep"]) == {}
+    unknown = label(_record("deepseek_v3", "Traceback\nRuntimeError: new"), Cell, DEEPSPEED)
+    assert unknown["finding"] is None and unknown["findings"] == ["unclassified peer failure"]
+    known = label(_record("deepseek_v2", "per-step loss: max|diff| 0.3"), Cell, DEEPSPEED)
+    assert known["finding"] == "DS-3" and known["findings"][0].startswith("DS-3 (peer failure)")
+
+
+# --- DS-0 and the documented optimizer routes ---------------------------------------------------
+
+def test_ds0_plain_client_optimizer_is_refused_and_split_groups_train_right():
+    """DeepSpeed's documented refusal of a plain client optimizer at ZeRO-2 is the labelled
+    rejection cell; the same cell with DeepSpeed's split MoE groups (a callable, called after its
+    AutoEP replaced the layers) trains like the reference."""
+    _needs_peer()
+    [record] = rejection_records(transformers.__version__, "deepspeed")
+    assert record["status"] == "rejected_as_expected", record["detail"]
+    assert record["finding"] == "DS-0" and "None of the param groups are marked as MoE" in record["detail"]
+    setup = TrainingSetup(2, 2, optimizer_route="moe_groups_callable")
+    failures = _failures(compare_training(CASES_BY_ID["deepseek_v3"], DEEPSPEED, torch.float32, setup, 2))
+    assert not failures, failures
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_peer_trains_right_with_its_documented_config_optimizer(stage):
+    """Before the subject chose its route, every ZeRO-1/2 cell of the peer failed with DS-0's
+    assert (the harness's plain client optimizer), not on DeepSpeed."""
+    _needs_peer()
+    failures = _failures(compare_training(CASES_BY_ID["deepseek_v3"], DEEPSPEED, torch.float32,
+                                          TrainingSetup(stage, 2), 2))
+    assert not failures, failures
+
+
+# --- DS-1 --------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(TRANSFORMERS < Version("5.23"), reason="DS-1 needs Transformers >= 5.23 (its registry change)")
+def test_ds1_recorder_registry_type_error_on_transformers_5_23_and_later():
+    _needs_peer()
+    finding = FINDINGS_BY_ID["DS-1"]
+    outcomes = launch.run(2, engine_outcome_on_rank, "mixtral", "deepspeed", 2, 2)
+    assert all(outcome and re.search(finding.signature, outcome) for outcome in outcomes), outcomes
+    # The same engine of a family without an aux loss (no recorder) is built.
+    assert launch.run(2, engine_outcome_on_rank, "deepseek_v3", "deepspeed", 2, 2) == [None, None]
+
+
+# --- DS-2 and DS-5: the recorded router logits on Transformers 5.0-5.2 --------------------------
+
+def forward_on_rank(case_id: str, subject_name: str, zero_stage: int, autoep_size: int, ids: torch.Tensor) -> dict:
+    """Rank side: the subject's engine's forward on ``ids`` (labels = ids): logits and aux loss,
+    or the error; plus the group settings of DeepSpeed's routers."""
+    import traceback
+
+    with process_globals_restored():
+        try:
+            engine = build_engine(case_id, subject_name, "float32", 0, TrainingSetup(zero_stage, autoep_size))
+            with torch.no_grad():
+                out = engine(input_ids=ids, labels=ids)
+        except Exception as error:
+            return {"error": "".join(traceback.format_exception_only(error)).strip()}
+        routers = [m for name, m in engine.module.named_modules() if name.endswith(".router")
+                   and hasattr(m, "num_expert_groups")]
+        aux = getattr(out, "aux_loss", None)
+        return {"logits": out.logits.detach().clone(), "aux_loss": None if aux is None else float(aux),
+                "groups": [(r.num_expert_groups, r.num_limited_groups) for r in routers]}
+
+
+def _ids(case_id: str, seed: int = 5) -> torch.Tensor:
+    vocab = CASES_BY_ID[case_id].build().config.vocab_size
+    return torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def _stock(case_id: str, ids: torch.Tensor):
+    with torch.no_grad():
+        return CASES_BY_ID[case_id].build(seed=0)(input_ids=ids, labels=ids)
+
+
+@pytest.mark.skipif(not Version("5.0") <= TRANSFORMERS < Version("5.1"), reason="DS-2 is on Transformers 5.0.x")
+def test_ds2_no_router_logits_recorded_on_transformers_5_0():
+    _needs_peer()
+    ids = _ids("mixtral")
+    outcomes = launch.run(2, forward_on_rank, "mixtral", "deepspeed", 1, 2, ids)
+    signature = FINDINGS_BY_ID["DS-2"].signature
+    assert all(re.search(signature, outcome.get("error", "")) for outcome in outcomes), outcomes
+
+
+@pytest.mark.skipif(not Version("5.1") <= TRANSFORMERS < Version("5.3"),
+                    reason="DS-5 is on Transformers 5.0-5.2 (on 5.0 DS-2 fails first)")
+def test_ds5_aux_loss_input_differs_on_transformers_5_0_to_5_2():
+    """Logits match the stock model, the aux loss does not (raw logits vs probabilities); with the
+    aux coefficient 0 the training cell matches the reference."""
+    _needs_peer()
+    ids = _ids("mixtral")
+    got = launch.run(2, forward_on_rank, "mixtral", "deepspeed", 1, 2, ids)[0]
+    assert "error" not in got, got
+    want = _stock("mixtral", ids)
+    tol = tolerance(torch.float32, "multi")
+    assert torch.allclose(got["logits"], want.logits, rtol=tol.rtol, atol=tol.atol)
+    assert abs(got["aux_loss"] - float(want.aux_loss)) > 1e-3, (got["aux_loss"], float(want.aux_loss))
+    setup = TrainingSetup(2, 2, steps=1, aux_loss_coef=0.0)
+    failures = _failures(compare_training(CASES_BY_ID["mixtral"], DEEPSPEED, torch.float32, setup, 2))
+    assert not failures, failures
+
+
+# --- DS-3: deepseek_v2 greedy routing with groups -----------------------------------------------
+
+def test_ds3_deepseek_v2_greedy_routes_group_limited_when_n_group_above_1():
+    """DeepSpeed's routers carry the config's n_group/topk_group although topk_method is greedy:
+    logits far from the stock model's; with n_group=1 (as DeepSeek-V2-Lite) they match."""
+    _needs_peer()
+    tol = tolerance(torch.float32, "multi")
+    for case_id, groups, matches in (("deepseek_v2", (2, 1), False), ("deepseek_v2-greedy-n_group1", (1, 1), True)):
+        assert CASES_BY_ID[case_id].kwargs["topk_method"] == "greedy"
+        ids = _ids(case_id)
+        got = launch.run(2, forward_on_rank, case_id, "deepspeed", 1, 2, ids)[0]
+        assert "error" not in got, got
+        assert got["groups"] and set(got["groups"]) == {groups}, got["groups"]
+        diff = float((got["logits"] - _stock(case_id, ids).logits).abs().max())
+        if matches:
+            assert diff <= tol.atol, f"{case_id}: logits off by {diff:.3g}"
+        else:
+            assert diff > 0.05, f"{case_id}: logits off by only {diff:.3g}: DS-3 no longer reproduces"
+
+
+# --- DS-4: ZeRO-3 Universal load shares one step tensor -----------------------------------------
+
+def save_on_rank(folder: str) -> None:
+    setup = TrainingSetup(3, 2, steps=1)
+    with process_globals_restored():
+        engine = build_engine("deepseek_v3", "deepspeed", "float32", 0, setup)
+        batches = torch.randint(0, 96, (1, 2, 8), generator=torch.Generator().manual_seed(1))
+        train_steps(engine, batches, [0], setup)
+        engine.save_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
+
+
+def step_tensors_after_universal_load_on_rank(folder: str) -> dict:
+    """Rank side: load the Universal folder at ZeRO-3, report whether the optimizer's sub-groups
+    share one 'step' tensor, and the step counts after one more engine step."""
+    setup = TrainingSetup(3, 2, steps=2)
+    with process_globals_restored():
+        engine = build_engine("deepseek_v3", "deepspeed", "float32", 1, setup, load_universal=True)
+        engine.load_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
+        zero, base = engine.optimizer, engine.optimizer.optimizer
+        steps = [base.state[flat]["step"] for flat in zero.fp32_partitioned_groups_flat]
+        loaded = [float(step) for step in steps]
+        shared = all(step is steps[0] for step in steps)
+        batches = torch.randint(0, 96, (2, 2, 8), generator=torch.Generator().manual_seed(1))
+        train_steps(engine, batches, [1], setup)
+        after = [float(base.state[flat]["step"]) for flat in zero.fp32_partitioned_groups_flat]
+        return {"sub_groups": len(steps), "shared": shared, "loaded": loaded, "after": after}
+
+
+def test_ds4_zero3_universal_load_shares_one_step_tensor_between_sub_groups(tmp_path):
+    _needs_peer()
+    saved, universal = str(tmp_path / "saved"), str(tmp_path / "universal")
+    launch.run(2, save_on_rank, saved)
+    DEEPSPEED.to_universal(saved, universal)
+    result = launch.run(2, step_tensors_after_universal_load_on_rank, universal)[0]
+    assert result["sub_groups"] >= 2 and result["shared"], result
+    assert result["loaded"] == [1.0] * result["sub_groups"], result
+    # One engine step, but each sub-group's AdamW step incremented the one shared tensor.
+    assert result["after"] == [1.0 + result["sub_groups"]] * result["sub_groups"], result
