@@ -7,6 +7,8 @@
                          mutants-report.json; `-- --mutant ID`, `-- --profile full`)
 """
 
+import os
+
 import nox
 
 TORCH = "torch==2.13.0"
@@ -21,6 +23,11 @@ nox.options.reuse_existing_virtualenvs = True
 
 
 def _install(session, transformers_version):
+    # DeepSpeed JIT-builds its CPU ops (shm comm) into TORCH_EXTENSIONS_DIR; a directory shared by
+    # environments with other include paths makes each switch rebuild it, and a build killed midway
+    # leaves a lock on which every later DeepSpeed start in any environment waits (measured here:
+    # 25 minutes). One directory per environment.
+    session.env["TORCH_EXTENSIONS_DIR"] = os.path.join(session.virtualenv.location, "torch_extensions")
     session.install(TORCH)
     session.install(TORCH, f"transformers=={transformers_version}", DEEPSPEED, "packaging", "numpy")
     session.install("--no-deps", "-e", ".")
