@@ -4,8 +4,8 @@ either accepted or refused with an :class:`AutoEPConfigError` that names the key
 exception ever escapes, and an accepted block never crashes detection.
 
 Examples per run (hypothesis ``max_examples``): ``BLOCK_EXAMPLES`` + ``EXTREME_EXAMPLES`` +
-``DEEPSPEED_EXAMPLES`` generated configs; ``test_every_property_ran_its_examples`` checks that
-they all ran when the whole file runs.
+``DEEPSPEED_EXAMPLES`` generated configs; ``test_property_over_its_generated_configs`` checks
+that each property tried all of its own.
 """
 
 from dataclasses import fields
@@ -43,7 +43,7 @@ def _names_a_key(message: str, keys) -> bool:
 
 @settings(max_examples=BLOCK_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(BLOCK_KEYS), HOSTILE, max_size=4))
-def test_a_hostile_block_is_accepted_or_refused_naming_a_key(block):
+def a_hostile_block_is_accepted_or_refused_naming_a_key(block):
     TRIED["block"] += 1
     try:
         AutoEPConfig.from_dict(block)
@@ -70,7 +70,7 @@ EXTREME_BLOCK = st.fixed_dictionaries({}, optional={
 @settings(max_examples=EXTREME_EXAMPLES, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(EXTREME_BLOCK)
-def test_an_accepted_block_with_extreme_values_never_crashes_detection(deepseek_v3, block):
+def an_accepted_block_with_extreme_values_never_crashes_detection(deepseek_v3, block):
     """Well-typed but extreme values (huge counts, tiny or huge scales): refused naming the key,
     or accepted and then detected or refused by detection, always as a ValueError."""
     TRIED["extreme"] += 1
@@ -115,7 +115,7 @@ def _key_paths(config: dict) -> list[str]:
 
 @settings(max_examples=DEEPSPEED_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(DEEPSPEED_CONFIG)
-def test_a_hostile_deepspeed_config_is_accepted_or_refused_naming_the_key(ds_config):
+def a_hostile_deepspeed_config_is_accepted_or_refused_naming_the_key(ds_config):
     TRIED["deepspeed"] += 1
     try:
         validate_deepspeed_config(ds_config)
@@ -125,9 +125,19 @@ def test_a_hostile_deepspeed_config_is_accepted_or_refused_naming_the_key(ds_con
         assert len(message) < 1000
 
 
-def test_every_property_ran_its_examples():
-    """(Meaningful when the whole file runs: the properties above ran first.)"""
-    if not all(TRIED.values()):
-        pytest.skip("run the whole file to count the examples")
-    print(f"generated configs tried this run: {TRIED} ({sum(TRIED.values())} in all)")
-    assert TRIED == {"block": BLOCK_EXAMPLES, "extreme": EXTREME_EXAMPLES, "deepspeed": DEEPSPEED_EXAMPLES}
+PROPERTIES = {
+    "block": (a_hostile_block_is_accepted_or_refused_naming_a_key, BLOCK_EXAMPLES, False),
+    "extreme": (an_accepted_block_with_extreme_values_never_crashes_detection, EXTREME_EXAMPLES, True),
+    "deepspeed": (a_hostile_deepspeed_config_is_accepted_or_refused_naming_the_key, DEEPSPEED_EXAMPLES, False),
+}
+
+
+@pytest.mark.parametrize("name", list(PROPERTIES))
+def test_property_over_its_generated_configs(name, request):
+    """Each property runs its hypothesis search here and must have tried every example it
+    promises (the count is checked in the same test, so it holds under any test distribution)."""
+    prop, examples, needs_model = PROPERTIES[name]
+    TRIED[name] = 0
+    prop(request.getfixturevalue("deepseek_v3")) if needs_model else prop()
+    print(f"generated configs tried by {name}: {TRIED[name]}")
+    assert TRIED[name] == examples
