@@ -188,9 +188,10 @@ def build_layer(spec: MoELayerSpec, use_grouped_mm: bool, groups: ExpertParallel
                 ) -> AutoEPMoELayer:
     """Build the replacement for ``spec.block``, keeping this EP rank's slice of experts
     (sliced from the block's full expert tensors: deterministic, no communication).
-    ``use_grouped_mm=False`` sets the model's experts implementation to "eager" (the loop)."""
+    ``use_grouped_mm=False`` sets the model's experts implementation to "eager" (the loop).
+    The caller has run :func:`check_replaceable` on every spec first (``autoep.apply`` does,
+    before it replaces any block)."""
     block = spec.block
-    check_replaceable(spec)
     original = getattr(block, spec.experts_attr)
     hf_config = experts_hf_config(original)
     if hf_config is not None and not use_grouped_mm and hf_config._experts_implementation in (None, "grouped_mm"):
