@@ -156,6 +156,9 @@ def _run(model, input_ids, reference: bool = False, micro_batches: int = 1) -> R
         auxes.append(None if aux is None else aux.detach().reshape(1))
     dtypes = {name: param.dtype for name, param in named}
     grads = {name: (total / micro_batches).to(dtypes[name]) for name, total in sums.items()}
+    # A subject that renames parameters (TorchTitan) carries the mapping back to the Transformers names.
+    if (rename := getattr(model, "conformance_transformers_names", None)) is not None:
+        grads = rename(grads)
     aux_loss = None if auxes[0] is None else torch.cat(auxes)
     return RunOutput(torch.cat(logits), torch.stack(losses).mean(), aux_loss, grads)
 
@@ -276,7 +279,9 @@ def block_equivalence(case: ModelCase, subject: Subject, dtype: torch.dtype = to
     generator = torch.Generator().manual_seed(seed + 11)
     for spec in specs:
         result = EquivalenceResult(f"{case.id}:{spec.name}", str(dtype).replace("torch.", ""), tol)
-        router = replaced.get_submodule(spec.name).router_module()
+        # The router as the original holds it (the subject's copy has the same weights; a peer's
+        # block need not expose it the way AutoEP's router_module() does).
+        router = getattr(original.get_submodule(spec.name), spec.router_attr)
         bias = _correction_bias(router, spec.routing)
         for _ in range(200):  # inputs away from routing near-ties (see NEAR_TIE)
             hidden = torch.randn(1, num_tokens, spec.hidden_size, generator=generator).to(dtype)

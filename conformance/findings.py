@@ -17,6 +17,7 @@ from typing import Callable
 from packaging.version import Version
 
 TEST = "tests/test_findings.py::"
+TITAN_TEST = "tests/test_titan.py::"  # the TorchTitan findings run where torchtitan is installed (nox -s titan)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,11 @@ def _has_aux_loss(record: dict) -> bool:
 def _greedy_with_groups(record: dict) -> bool:
     kwargs = _case_kwargs(record)
     return kwargs.get("topk_method") == "greedy" and (kwargs.get("n_group") or 1) > 1
+
+
+def _titan_numeric(record: dict) -> bool:
+    """A TorchTitan cell judged by numbers (not the interop cells that check names, TT-6/TT-7)."""
+    return record["subject"] == "torchtitan" and record.get("interop") not in ("param_order", "hf_roundtrip")
 
 
 RECORDER_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_5_moe")
@@ -113,6 +119,62 @@ FINDINGS = [
             lambda r: Version("5.0") <= _version(r) < Version("5.3") and _has_aux_loss(r),
             None,
             TEST + "test_ds5_aux_loss_input_differs_on_transformers_5_0_to_5_2"),
+    # TorchTitan 0.3.0's MoE replacement (conformance/titan.py), measured on Transformers 5.24.0.
+    Finding("TT-1", "peer failure", "torchtitan",
+            "TorchTitan's MoE swaps out the Transformers router module that the output recorder hooks, so no "
+            "router logits are recorded; with output_router_logits the stock load_balancing_loss_func gets an "
+            "empty tuple and the forward raises IndexError (no aux loss can be produced)",
+            "Transformers 5.24.0 (observed); the cases with an aux loss (mixtral, qwen2_moe, qwen3_moe, qwen3_5_moe)",
+            lambda r: r["subject"] == "torchtitan" and _has_aux_loss(r),
+            r"in load_balancing_loss_func[\s\S]*IndexError: tuple index out of range",
+            TITAN_TEST + "test_tt1_no_router_logits_recorded_so_the_aux_loss_raises"),
+    Finding("TT-2", "peer failure", "torchtitan",
+            "TorchTitan's converter renames gate.e_score_correction_bias to 'expert_bias' but its MoE buffer is "
+            "'expert_bias_E': load_state_dict(strict=False) drops the correction bias silently (routing then "
+            "uses a zero bias: deepseek_v3 logits off by 2.96); the subject refuses the model",
+            "every version; deepseek_v3 cases (the presets with a correction bias)",
+            lambda r: r["subject"] == "torchtitan" and r["case"].startswith("deepseek_v3"),
+            r"TitanWeightsNotLoaded: .*unexpected \[[^\]]*\.expert_bias'",
+            TITAN_TEST + "test_tt2_correction_bias_is_not_loaded_by_titans_converter"),
+    Finding("TT-3", "peer failure", "torchtitan",
+            "TorchTitan builds its router from n_group/topk_group and routes group-limited where Transformers' "
+            "DeepSeek-V2 topk_method='greedy' ignores the groups (logits off by 1.09; n_group=1 matches up to TT-5)",
+            "every version; deepseek_v2 with topk_method='greedy' and n_group > 1 (the default deepseek_v2 case)",
+            lambda r: _titan_numeric(r) and r["case"].startswith("deepseek_v2") and _greedy_with_groups(r),
+            None,
+            TITAN_TEST + "test_tt3_and_tt4_deepseek_v2_routing_follows_deepseek_v3_group_rule"),
+    Finding("TT-4", "peer failure", "torchtitan",
+            "TorchTitan scores expert groups by the sum of each group's top-2 scores (DeepSeek-V3's rule) where "
+            "DeepSeek-V2's topk_method='group_limited_greedy' takes each group's maximum (logits off by 1.36)",
+            "every version; deepseek_v2 with topk_method='group_limited_greedy'",
+            lambda r: _titan_numeric(r) and _case_kwargs(r).get("topk_method") == "group_limited_greedy",
+            None,
+            TITAN_TEST + "test_tt3_and_tt4_deepseek_v2_routing_follows_deepseek_v3_group_rule"),
+    Finding("TT-5", "peer failure", "torchtitan",
+            "GroupedExperts.forward casts tokens and expert weights to bf16 before torch._grouped_mm whatever the "
+            "model dtype: a float32 model's MoE output carries bf16 rounding (logits off by 7e-3 to 6e-2 on the "
+            "tiny cases, |logits| <= 7; with the cast removed they match to 3e-6)",
+            "every version; float32 cells of every case the other TT findings leave running",
+            lambda r: _titan_numeric(r) and r["dtype"] == "float32",
+            None,
+            TITAN_TEST + "test_tt5_float32_experts_run_in_bf16"),
+    Finding("TT-6", "peer failure", "torchtitan",
+            "TorchTitan's MoE renames and splits the block's parameters (router.gate.weight, "
+            "routed_experts.inner_experts.w1_EFD/w3_EFD/w2_EDF, shared_experts.w1/w2/w3, buffer expert_bias_E): "
+            "named_parameters/state_dict differ from the stock model and a stock optimizer state does not load "
+            "(parameter group size differs)",
+            "every version and case; interop param_order cells",
+            lambda r: r["subject"] == "torchtitan" and r.get("interop") == "param_order",
+            r"\(different names\)",
+            TITAN_TEST + "test_tt6_and_tt7_titan_names_break_stock_optimizer_state_and_save_pretrained"),
+    Finding("TT-7", "peer failure", "torchtitan",
+            "save_pretrained of the replaced model writes TorchTitan's names; from_pretrained into the stock class "
+            "leaves every expert and router weight at its fresh init (gate_up_proj off by ~0.7); TorchTitan's "
+            "inverse converter titan_to_hf_moe_state_dict is not wired into save_pretrained",
+            "every version and case; interop hf_roundtrip cells",
+            lambda r: r["subject"] == "torchtitan" and r.get("interop") == "hf_roundtrip",
+            r"model\.save_pretrained: weight \S+ vs the stock model",
+            TITAN_TEST + "test_tt6_and_tt7_titan_names_break_stock_optimizer_state_and_save_pretrained"),
 ]
 FINDINGS_BY_ID = {finding.id: finding for finding in FINDINGS}
 

@@ -42,6 +42,7 @@ class Subject(Protocol):
 
 class AutoEPSubject:
     name = "autoep"
+    is_peer = False  # ours (and the mutants built on it): its failures fail the suite
     optimizer_route = "client"  # README: any client optimizer over model.parameters()
 
     def unavailable_reason(self, cell=None) -> str | None:
@@ -146,6 +147,7 @@ class DeepSpeedBuiltinSubject:
     (finding DS-0, a documented rejection; conformance/findings.py)."""
 
     name = "deepspeed"
+    is_peer = True  # its failures are findings (conformance/findings.py)
     optimizer_route = "config"
 
     def unavailable_reason(self, cell=None) -> str | None:
@@ -218,7 +220,17 @@ class DeepSpeedBuiltinSubject:
                 shards[f"{name}.{experts}.{param}"] = (first, layer.num_experts)
         return shards
 
-SUBJECTS: dict[str, Subject] = {"autoep": AutoEPSubject(), "deepspeed": DeepSpeedBuiltinSubject()}
+# TorchTitan's MoE replacement (conformance/titan.py) is registered always and imports torchtitan
+# only when used; where it is not installed its unavailable_reason says to run `nox -s titan`.
+from conformance.titan import TorchTitanSubject  # noqa: E402
+
+SUBJECTS: dict[str, Subject] = {"autoep": AutoEPSubject(), "deepspeed": DeepSpeedBuiltinSubject(),
+                                "torchtitan": TorchTitanSubject()}
+
+
+def unknown_subject_message(name: str) -> str:
+    """One line for ``--subject NAME`` that is not registered here."""
+    return f"conformance: unknown subject {name!r}; registered here: {', '.join(sorted(SUBJECTS))}"
 
 
 def subject_by_name(name: str) -> Subject:

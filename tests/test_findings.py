@@ -47,6 +47,8 @@ def test_every_finding_names_an_existing_test_and_failures_are_classified_by_sig
 
     module = sys.modules[__name__]
     for finding in findings.FINDINGS:
+        if finding.subject == "torchtitan":  # reproduced in tests/test_titan.py (needs torchtitan)
+            continue
         assert finding.reproduced_by.startswith(findings.TEST), finding.id
         assert hasattr(module, finding.reproduced_by.split("::")[1]), finding.reproduced_by
     ds1 = "Traceback ...\nTypeError: _CanRecordRegistry.get() takes 2 positional arguments but 3 were given"
