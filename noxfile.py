@@ -1,22 +1,26 @@
 """nox sessions. Every install is pinned; torch==2.13.0 resolves to the local CPU build.
 
-    nox -s conformance   the default small matrix, one session per Transformers version
+    nox -s conformance   the default matrix profile, one session per Transformers version of the
+                         profile (`-- --profile smoke|default|full`; matrix/profiles.py)
     nox -s tests         the unit tests (newest pinned Transformers)
+    nox -s findings      each DeepSpeed finding reproduced on every 5.x version of the full profile
+    nox -s titan         TorchTitan's MoE replacement as a subject (opt-in; its own pinned dependencies)
     nox -s bench         the MoE layer benchmark (`-- --quick` for a smoke run, `-- --out FILE`)
     nox -s mutants       the mutant bank: every planted bug must be killed by the suite (kill table,
-                         mutants-report.json; `-- --mutant ID`, `-- --profile full`)
+                         mutants-report.json; `-- --profile P`, `-- --mutant ID`, `-- --cells 0`)
 """
 
 import os
+import sys
 
 import nox
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from matrix.profiles import DEFAULT_PROFILE, FULL_VERSIONS, NEWEST, PROFILES, versions  # noqa: E402
+
 TORCH = "torch==2.13.0"
 DEEPSPEED = "deepspeed==0.19.8"
-# 5.0.0: first 5.x; 5.2.0: first with Qwen3.5-MoE; 5.24.0: newest 5.x that installs (pinned);
-# 4.57.6: the last 4.x, whose cells must end in the documented rejection.
-TRANSFORMERS_VERSIONS = ["5.24.0", "5.2.0", "5.0.0", "4.57.6"]
-NEWEST = "5.24.0"
+MATPLOTLIB = "matplotlib==3.11.2"  # the report's heat-maps
 
 nox.options.sessions = ["conformance"]
 nox.options.reuse_existing_virtualenvs = True
@@ -33,24 +37,70 @@ def _install(session, transformers_version):
     session.install("--no-deps", "-e", ".")
 
 
+def _profile(posargs) -> tuple[str, list[str]]:
+    """``--profile NAME`` (or ``--profile=NAME``) from the session's arguments, and the rest."""
+    args, profile = list(posargs), DEFAULT_PROFILE
+    for i, arg in enumerate(args):
+        if arg == "--profile" and i + 1 < len(args):
+            profile = args[i + 1]
+            del args[i:i + 2]
+            break
+        if arg.startswith("--profile="):
+            profile = arg.split("=", 1)[1]
+            del args[i]
+            break
+    if profile not in PROFILES:
+        raise SystemExit(f"nox: unknown matrix profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    return profile, args
+
+
 @nox.session(python="3.11")
-@nox.parametrize("transformers", TRANSFORMERS_VERSIONS)
+@nox.parametrize("transformers", FULL_VERSIONS)
 def conformance(session, transformers):
-    """Run the conformance matrix cells for one Transformers version and rebuild the report."""
+    """Run the profile's cells for one Transformers version and rebuild the profile's report."""
+    profile, args = _profile(session.posargs)
+    if transformers not in versions(profile):
+        session.skip(f"Transformers {transformers} is not in profile {profile!r} (`-- --profile full` runs it)")
     _install(session, transformers)
+    session.install(TORCH, MATPLOTLIB)
     session.env["PYTHONPATH"] = "."
-    session.run("python", "-m", "conformance", "run", *session.posargs)
-    # DeepSpeed's built-in AutoEP on the same ZeRO cells: findings about that peer (the exit
+    session.run("python", "-m", "conformance", "run", "--profile", profile, *args)
+    # DeepSpeed's built-in AutoEP on its cells of the profile: findings about that peer (the exit
     # status depends on the autoep subject only).
-    session.run("python", "-m", "conformance", "run", "--subject", "deepspeed", *session.posargs)
+    session.run("python", "-m", "conformance", "run", "--subject", "deepspeed", "--profile", profile, *args)
+
+
+@nox.session(python="3.11")
+@nox.parametrize("transformers", [v for v in FULL_VERSIONS if not v.startswith("4.")])
+def findings(session, transformers):
+    """Reproduce each peer finding on the Transformers version where it lives (tests/test_findings.py:
+    DS-1 on >= 5.23, DS-2 on 5.0, DS-5 on 5.0-5.2; the others on every version)."""
+    _install(session, transformers)
+    session.install(TORCH, "pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100")
+    session.run("python", "-m", "pytest", "tests/test_findings.py", "-p", "no:cacheprovider", *session.posargs)
 
 
 @nox.session(python="3.11")
 def tests(session):
     """Unit tests of autoep/, reference/, matrix/ and conformance/."""
     _install(session, NEWEST)
-    session.install(TORCH, "pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100")
+    session.install(TORCH, MATPLOTLIB, "pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100")
     session.run("python", "-m", "pytest", "-n", "2", "--dist", "loadgroup", *session.posargs)
+
+
+@nox.session(python="3.11")
+def titan(session):
+    """TorchTitan's MoE replacement as a conformance subject (opt-in: its wheel pulls datasets, tyro,
+    wandb, tensorboard, spmd_types and triton, never in the default install): its tests, then its
+    cells of the profile (`-- --profile P`) into the same report as findings."""
+    profile, args = _profile(session.posargs)
+    _install(session, NEWEST)
+    # triton: torchtitan's token dispatcher imports it unconditionally (it then runs on CPU).
+    session.install(TORCH, f"transformers=={NEWEST}", DEEPSPEED, "torchtitan==0.3.0", "triton==3.9.0", MATPLOTLIB,
+                    "pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100")
+    session.env["PYTHONPATH"] = "."
+    session.run("python", "-m", "pytest", "tests/test_titan.py", "-p", "no:cacheprovider")
+    session.run("python", "-m", "conformance", "run", "--subject", "torchtitan", "--profile", profile, *args)
 
 
 @nox.session(python="3.11")
@@ -63,7 +113,7 @@ def bench(session):
 
 @nox.session(python="3.11")
 def mutants(session):
-    """Run the mutant bank (mutants/) on the matrix cells where each bug is active; fails on a survivor."""
+    """Run the mutant bank (mutants/) on the profile's cells where each bug is active; fails on a survivor."""
     _install(session, NEWEST)
     session.env["PYTHONPATH"] = "."
     session.run("python", "-m", "mutants", *session.posargs)

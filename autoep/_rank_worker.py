@@ -58,6 +58,19 @@ def _resolve(name: str):
     return target
 
 
+def _without_deepspeed_shm_kernel() -> None:
+    """CPU ranks: DeepSpeed builds its shared-memory allreduce kernel (a C++ JIT build: 90-120 s
+    per fresh environment on 2 cores) when its comm backend starts, but only
+    ``inference_all_reduce`` uses it; training reduces through torch.distributed. A build
+    killed midway leaves a lock on which every later DeepSpeed start waits. The ranks of this
+    launcher therefore start DeepSpeed's backend without it (deepspeed.comm.torch.build_shm_op)."""
+    try:
+        import deepspeed.comm.torch as deepspeed_torch_comm
+    except ImportError:
+        return
+    deepspeed_torch_comm.build_shm_op = lambda: None
+
+
 def main() -> None:
     env = os.environ
     rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
@@ -78,6 +91,8 @@ def main() -> None:
                               timeout=timedelta(seconds=120))
         store = dist.PrefixStore(store_prefix, store)
         dist.init_process_group(env["AUTOEP_BACKEND"], store=store, rank=rank, world_size=world_size)
+        if env["AUTOEP_DEVICE"] == "cpu":
+            _without_deepspeed_shm_kernel()
         send(connection, ("ok", None))
     except BaseException:
         send(connection, ("error", traceback.format_exc()))

@@ -1,8 +1,11 @@
-"""python -m conformance run|report
+"""python -m conformance run|report [--profile smoke|default|full] [--subject NAME] [--case TEXT]
 
-run     run the matrix cells of the installed Transformers version; write
-        conformance-report/<version>-<subject>.json, then rebuild the merged report
-report  rebuild conformance-report.json and conformance-report.md from the parts
+run     run the cells of the profile (matrix/profiles.py, matrix.cells.in_profile) on the installed
+        Transformers version, one progress line per finished cell; write
+        conformance-report/<profile>/<version>-<subject>.json, then rebuild the merged report
+report  rebuild the profile's report from its parts: conformance-report.json, .md (grid, findings
+        table, mutant kill rate from mutants-report.json when present), .xml (JUnit) and
+        conformance-report-<subject>.png (heat-map per subject)
 Exit status: 1 if any cell of the `autoep` subject failed, else 0.
 """
 
@@ -12,10 +15,12 @@ import argparse
 import json
 import logging
 import sys
+import time
 import warnings
 from pathlib import Path
 
 from conformance import report
+from matrix.profiles import DEFAULT_PROFILE, PROFILES, versions
 
 
 def main(argv=None) -> int:
@@ -23,26 +28,43 @@ def main(argv=None) -> int:
     parser.add_argument("command", choices=["run", "report"])
     parser.add_argument("--subject", default="autoep")
     parser.add_argument("--case", default=None, help="only cells whose case id contains this text")
+    parser.add_argument("--profile", choices=PROFILES, default=DEFAULT_PROFILE)
     parser.add_argument("--out", default=".", help="folder for conformance-report*")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    parts = out / "conformance-report"
+    parts = out / "conformance-report" / args.profile
     parts.mkdir(parents=True, exist_ok=True)
     if args.command == "run":
         import transformers
 
+        from conformance.subjects import SUBJECTS, unknown_subject_message
+
+        if args.subject not in SUBJECTS:
+            print(unknown_subject_message(args.subject), file=sys.stderr)
+            return 2
+        if (why := SUBJECTS[args.subject].unavailable_reason()) is not None:
+            print(f"conformance: subject {args.subject!r} cannot run here: {why}", file=sys.stderr)
+            return 2
+        from autoep import launch
         from conformance.runner import run_matrix
 
         warnings.filterwarnings("ignore")
         logging.getLogger("transformers").setLevel(logging.ERROR)
         version = transformers.__version__
-        records = run_matrix(version, args.subject, args.case)
-        (parts / f"{version}-{args.subject}.json").write_text(json.dumps({"records": records}, indent=1))
-        for record in records:
-            print(f"{record['status']:>22}  {record['cell']}  {record.get('detail', '')[:160]}")
-    records = report.write(parts, out / "conformance-report.json", out / "conformance-report.md")
+        if version not in versions(args.profile):
+            print(f"conformance: Transformers {version} is not in profile {args.profile!r} "
+                  f"({', '.join(versions(args.profile))}); nothing to run", file=sys.stderr)
+            return 2
+        started = time.perf_counter()
+        try:
+            records = run_matrix(version, args.subject, args.case, args.profile)
+        finally:
+            launch.close_shared_pools()
+        report.write_part(parts / f"{version}-{args.subject}.json", records, args.profile,
+                          time.perf_counter() - started)
+    records = report.write(parts, out, args.profile)
     failed = [r for r in records if r["subject"] == "autoep" and r["status"] == "fail"]
-    print(f"conformance: {len(records)} cells in report, {len(failed)} autoep failures "
+    print(f"conformance: {len(records)} cells in the {args.profile} report, {len(failed)} autoep failures "
           f"-> {out / 'conformance-report.md'}")
     return 1 if failed else 0
 

@@ -8,7 +8,9 @@ checked where they live.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 
 import torch
 
@@ -122,7 +124,13 @@ def resume_elsewhere(case_id: str, zero_stage: int, source: tuple[int, int], tar
                        dataclasses.replace(setups["source"], steps=steps_before), batches, save_to=saved)
     reloaded = launch.run(source[0], reload_on_rank, case_id, subject_name,
                           dataclasses.replace(setups["source"], steps=steps_before), saved)
-    subject_by_name(subject_name).to_universal(saved, universal)
+    converter_log = io.StringIO()  # DeepSpeed's converter prints its stages; kept for a failure
+    try:
+        with contextlib.redirect_stdout(converter_log):
+            subject_by_name(subject_name).to_universal(saved, universal)
+    except Exception as error:
+        raise RuntimeError(f"{subject_name} Universal conversion failed; its output:\n{converter_log.getvalue()[-2000:]}") \
+            from error
     second = launch.run(target[0], train_on_rank, case_id, subject_name, "float32", 0, setups["target"], batches,
                         first_step=steps_before, load_universal=universal)
     losses = torch.tensor([result["losses"] for result in first]).mean(dim=0).tolist() + \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 import traceback
 
@@ -12,7 +13,8 @@ from conformance import findings
 from conformance.equivalence import block_equivalence, model_equivalence
 from conformance.models import CASES_BY_ID, ModelSnapshot
 from conformance.subjects import SUBJECTS
-from matrix.cells import Cell, default_matrix, expected
+from matrix.cells import Cell, expected, profile_matrix, relative_cost
+from matrix.profiles import DEFAULT_PROFILE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -152,11 +154,47 @@ def _run_interop(cell: Cell, subject) -> dict:
             "max_abs_diff": {"subject~original": max(finite, default=0.0)}}
 
 
-def run_matrix(transformers: str, subject_name: str = "autoep", case_filter: str | None = None) -> list[dict]:
+def run_matrix(transformers: str, subject_name: str = "autoep", case_filter: str | None = None,
+               profile: str = DEFAULT_PROFILE, progress=None) -> list[dict]:
+    """Every cell of ``profile`` on ``transformers`` for the subject (those whose case id contains
+    ``case_filter``), then the subject's labelled rejection cell. ``progress`` (default: stdout)
+    gets one line per finished cell."""
+    subject = SUBJECTS[subject_name]
+    cells = [cell for cell in profile_matrix(transformers, profile, peer=getattr(subject, "is_peer", False))
+             if not case_filter or case_filter in cell.case]
+    meter = Progress(cells, f"{subject_name} tf{transformers} {profile}", progress or sys.stdout,
+                     cost=lambda cell: 0.0 if subject.unavailable_reason(cell) is not None else relative_cost(cell))
     records = []
-    for cell in default_matrix(transformers):
-        if case_filter and case_filter not in cell.case:
-            continue
+    for cell in cells:
         records.append(run_cell(cell, subject_name))
+        meter.finished(cell, records[-1])
     records += findings.rejection_records(transformers, subject_name, case_filter)  # a peer's labelled rejection
+    for record in records:
+        record["profile"] = profile
     return records
+
+
+class Progress:
+    """One line per finished cell: counter, outcome, seconds, cell, and the time left, estimated
+    from the seconds spent so far per unit of ``cost`` (cells the subject cannot run cost 0)."""
+
+    def __init__(self, cells: list[Cell], title: str, stream, cost=relative_cost):
+        self.cost = cost
+        self.total_cost = sum(cost(cell) for cell in cells) or 1.0
+        self.count, self.done, self.done_cost = len(cells), 0, 0.0
+        self.started = time.perf_counter()
+        self.title, self.stream = title, stream
+        print(f"{title}: {self.count} cells", file=stream, flush=True)
+
+    def finished(self, cell: Cell, record: dict) -> None:
+        self.done += 1
+        self.done_cost += self.cost(cell)
+        elapsed = time.perf_counter() - self.started
+        left = elapsed / self.done_cost * (self.total_cost - self.done_cost) if self.done_cost else 0.0
+        label = record["status"] + (f" ({record['finding']})" if record.get("finding") else "")
+        print(f"[{self.done:>3}/{self.count}] {label:<22} {record['seconds']:7.1f}s  {cell.id}  "
+              f"(elapsed {_minutes(elapsed)}, about {_minutes(left)} left)", file=self.stream, flush=True)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"

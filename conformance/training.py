@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -164,7 +165,12 @@ def process_globals_restored():
     passed alone but failed (k_proj.bias update) after ZeRO-3 cells. Each run leaves the process
     as it found it (also DeepSpeed's expert-group registry)."""
     import torch.nn.functional as F
-    from deepspeed.utils import groups
+    from deepspeed.utils import groups, logger
+
+    # DeepSpeed's warnings (e.g. "MPU is not provided" on every Universal load) would bury the
+    # conformance run's progress lines; a failing run's traceback still says what went wrong.
+    logger_level = logger.level
+    logger.setLevel(logging.ERROR)
 
     # DeepSpeed's registry of expert-parallel groups, by name: a later run with another
     # autoep_size in the same process would otherwise see both (and ZeRO-1/2 Universal loading
@@ -177,6 +183,7 @@ def process_globals_restored():
         yield
     finally:
         F.linear = linear
+        logger.setLevel(logger_level)
         for registry, before in zip(registries, names):
             for name in set(registry) - before:
                 del registry[name]

@@ -16,11 +16,12 @@ from dataclasses import asdict, dataclass
 from packaging.version import Version
 
 from conformance.models import CASES_BY_ID, DEFAULT_CASES, VARIANT_CASES
+from matrix import profiles
 
-# Transformers versions the matrix covers: the first 5.x, the first with Qwen3.5-MoE, the
-# newest 5.x that installs (pinned), and the last 4.x (must be rejected clearly).
-TRANSFORMERS_VERSIONS = ("5.0.0", "5.2.0", "5.24.0", "4.57.6")
-DEFAULT_TRANSFORMERS = "5.24.0"
+# Transformers versions the matrix covers (matrix/profiles.py says why each); a profile runs a
+# subset of the cells of a subset of them (``in_profile``).
+TRANSFORMERS_VERSIONS = profiles.FULL_VERSIONS
+DEFAULT_TRANSFORMERS = profiles.NEWEST
 DTYPES = ("float32", "bfloat16")
 # (ZeRO stage or "none" for plain PyTorch, world size, autoep_size)
 # "none" with world size 1 runs in-process; larger worlds run on rank processes (the
@@ -129,3 +130,127 @@ def expected(cell: Cell) -> Expectation:
 
 def default_matrix(transformers: str) -> list[Cell]:
     return [cell for cell in cells() if cell.transformers == transformers]
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiles (matrix/profiles.py names them and their versions): which cells each runs.
+# Every profile keeps the cells that kill every mutant of mutants/bank.py (tests/test_mutants.py
+# checks that each mutant has an active cell in each profile; `nox -s mutants -- --profile P`
+# measures the kills).
+
+def _one_process(cell: Cell) -> bool:
+    return cell.zero_stage == "none" and cell.world_size == 1 and cell.resume is None and cell.interop is None
+
+
+def _is(cell: Cell, stage, world: int, ep: int, resume: str | None = None) -> bool:
+    return (cell.zero_stage, cell.world_size, cell.autoep_size, cell.resume) == (stage, world, ep, resume) \
+        and cell.interop is None
+
+
+def _smoke(cell: Cell) -> bool:
+    """One process in float32 for every case (each routing switch), and Mixtral on the topologies
+    where the parallel bugs live: EP forward/backward, EDP and replica reductions under ZeRO-0,
+    ZeRO-3 partitioning, and a ZeRO-1 and a ZeRO-3 Universal resume."""
+    if cell.dtype != "float32":
+        return False
+    if _one_process(cell):
+        return True
+    if cell.case != "mixtral":
+        return False
+    return (_is(cell, "none", 2, 2) or _is(cell, 0, 4, 1) or _is(cell, 0, 4, 2) or _is(cell, 3, 4, 1)
+            or _is(cell, 1, 2, 2, "w4-ep4") or _is(cell, 3, 2, 2, "w4-ep4")
+            or cell.interop == "param_order")
+
+
+def _version_sensitive(cell: Cell) -> bool:
+    """What a Transformers minor can change, run on every version of the full profile: the
+    blocks' numerics in both dtypes, the interop with Transformers' features (compile on
+    Mixtral), the engine's view of every family (ZeRO-2), a Universal resume."""
+    if _smoke(cell) or _one_process(cell):
+        return True
+    if cell.interop is not None:
+        return cell.dtype == "float32" and (cell.interop != "compile" or cell.case == "mixtral")
+    return cell.dtype == "float32" and (_is(cell, 2, 4, 2) or (cell.case == "mixtral" and _is(cell, 2, 4, 2, "w2-ep1")))
+
+
+# The cases the default profile takes through the ZeRO stages: Mixtral (the plain softmax top-k
+# family) and DeepSeek-V3 (sigmoid scores, correction bias, shared experts; the peer's
+# documented-right case).
+DEEP_CASES = ("mixtral", "deepseek_v3")
+# The Universal resumes of a peer in the default profile (stage, source world, autoep_size, target):
+# DeepSeek-V3's two documented-right ones (DeepSpeed: ZeRO-2 w4-ep2 -> w2-ep1, ZeRO-1 w2-ep2 -> w4-ep4).
+PEER_RESUMES = ((2, 4, 2, "w2-ep1"), (1, 2, 2, "w4-ep4"))
+
+
+def _default(cell: Cell) -> bool:
+    """The newest version in depth, sized to the README's 12 minutes (measured here: about 8,
+    installs included): every case in both dtypes on one process and on EP topologies, Mixtral
+    and DeepSeek-V3 through every ZeRO stage x autoep_size and every Universal resume, every
+    other family under ZeRO-1/2/3 and in one resume, bf16 under ZeRO, every interop family."""
+    if _smoke(cell) or _one_process(cell):
+        return True
+    if cell.interop is not None:
+        if cell.interop == "compile":  # 6-30 s each: Mixtral in both dtypes (every family in full)
+            return cell.case == "mixtral"
+        return cell.dtype == "float32" or cell.case == "mixtral"
+    if cell.resume is not None:
+        return cell.case in DEEP_CASES or _is(cell, 2, 4, 2, "w2-ep1")
+    if cell.zero_stage == "none":
+        if cell.dtype != "float32":
+            return cell.case in DEEP_CASES and _is(cell, "none", 4, 2)
+        return cell.case == "mixtral" or _is(cell, "none", 2, 2) or _is(cell, "none", 4, 4)
+    if cell.dtype != "float32":
+        return _is(cell, 2, 4, 2) or (cell.case in DEEP_CASES and (_is(cell, 1, 4, 2) or _is(cell, 3, 4, 4)))
+    if cell.case in DEEP_CASES:
+        return True
+    return _is(cell, 1, 4, 2) or _is(cell, 2, 4, 2) or _is(cell, 3, 4, 4)
+
+
+def _peer_default(cell: Cell) -> bool:
+    """A peer in the default profile: our selection off DeepSpeed (one process, plain-PyTorch EP,
+    interop: for a peer that runs without DeepSpeed), and under DeepSpeed where its documentation
+    says it is right (DeepSeek-V3 through every ZeRO stage x autoep_size and the two Universal
+    resumes) plus each class of finding once per family (ZeRO-2, a ZeRO-3 resume). A peer's
+    ``unavailable_reason`` turns the cells it cannot run into skipped records with the reason."""
+    if cell.zero_stage == "none":
+        return _default(cell)
+    if cell.dtype != "float32":
+        return False
+    if cell.resume is not None:
+        return (cell.case == "deepseek_v3" and any(_is(cell, *r) for r in PEER_RESUMES)) \
+            or (cell.case == "mixtral" and _is(cell, 3, 2, 2, "w4-ep4"))
+    return cell.case == "deepseek_v3" or _is(cell, 2, 4, 2)
+
+
+def in_profile(cell: Cell, profile: str, peer: bool = False) -> bool:
+    """Whether ``profile`` runs ``cell`` for ``autoep`` (and its mutants), or for a peer."""
+    if cell.transformers not in profiles.versions(profile):
+        return False
+    if Version(cell.transformers).major < 5:  # a rejection does not depend on the topology
+        return _one_process(cell)
+    if profile == "smoke":
+        return _smoke(cell)
+    if profile == "default":
+        return _peer_default(cell) if peer else _default(cell)
+    if cell.transformers == profiles.NEWEST:  # full
+        return True
+    return _version_sensitive(cell)
+
+
+def profile_matrix(transformers: str, profile: str, peer: bool = False) -> list[Cell]:
+    """The cells ``profile`` runs on ``transformers`` (for a peer if ``peer``), in matrix order."""
+    return [cell for cell in default_matrix(transformers) if in_profile(cell, profile, peer)]
+
+
+def relative_cost(cell: Cell) -> float:
+    """Rough cost of a cell in seconds on this 2-core machine, warm (measured per kind: one
+    process 0.3-5 s, a 4-rank ZeRO cell 3-10 s, a Universal resume 6-8 s, a compile 10-30 s);
+    for the time-left estimate and cheapest-first orders."""
+    bf16 = cell.dtype == "bfloat16"
+    if cell.interop is not None:
+        return (12.0 if bf16 else 20.0) if cell.interop == "compile" else 1.0
+    if cell.resume is not None:
+        return 8.0
+    if cell.zero_stage != "none":
+        return (2.0 + cell.world_size) * (1.5 if bf16 else 1.0)
+    return 1.5 if cell.world_size == 1 else 1.0 + cell.world_size

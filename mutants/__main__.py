@@ -1,13 +1,14 @@
-"""python -m mutants [--profile default|full] [--mutant ID ...] [--out FOLDER]
+"""python -m mutants [--profile smoke|default|full] [--cells N] [--mutant ID ...] [--out FOLDER]
 
-Runs every mutant of mutants/bank.py (or those named) on the matrix cells of the installed
-Transformers version where its bug is active, cheapest first, and stops at the first cell
-whose status is "fail": the mutant is killed there. A mutant that passes all the cells it is
-run on is a SURVIVOR, a gap in the suite. Prints the kill table and writes
-``mutants-report.json`` (kill table + kill rate).
+Runs every mutant of mutants/bank.py (or those named) on the cells of the matrix profile
+(matrix/profiles.py) on the installed Transformers version where its bug is active, cheapest
+first, and stops at the first cell whose status is "fail": the mutant is killed there. A mutant
+that passes all the cells it is run on is a SURVIVOR, a gap in the suite. Prints the kill table
+and writes ``mutants-report.json`` (kill table + kill rate; the conformance report of the same
+folder shows it).
 
-Profiles: ``default`` runs each mutant on at most DEFAULT_CELLS of its cheapest active cells;
-``full`` on all of them. Exit status: 1 if any mutant survived, else 0.
+``--cells N`` runs each mutant on at most N of its cheapest active cells of the profile
+(default DEFAULT_CELLS; 0: all of them). Exit status: 1 if any mutant survived, else 0.
 """
 
 from __future__ import annotations
@@ -21,30 +22,20 @@ import time
 import warnings
 from pathlib import Path
 
+from matrix.profiles import DEFAULT_PROFILE, PROFILES
+
 DEFAULT_CELLS = 3
-PROFILES = ("default", "full")
 
 
-def cell_cost(cell) -> float:
-    """Rough relative cost: processes, a DeepSpeed engine, a bf16 baseline, a checkpoint's
-    three launches."""
-    cost = float(cell.world_size)
-    if cell.zero_stage != "none":
-        cost = 2 + 3 * cell.world_size + (cell.world_size * 3 if cell.dtype == "bfloat16" else 0)
-    if cell.resume is not None:
-        cost += 30
-    return cost + (0.5 if cell.dtype == "bfloat16" else 0.0)
+def active_cells(mutant, transformers: str, profile: str = DEFAULT_PROFILE, limit: int = DEFAULT_CELLS) -> list:
+    """The cells ``mutant`` runs on: in the profile, active, expected to pass, cheapest first
+    (ties keep the matrix order); at most ``limit`` of them (0: all)."""
+    from matrix.cells import expected, profile_matrix, relative_cost
 
-
-def active_cells(mutant, transformers: str, profile: str = "default") -> list:
-    """The cells ``mutant`` runs on: active, expected to pass, cheapest first (ties keep the
-    matrix order)."""
-    from matrix.cells import default_matrix, expected
-
-    cells = [cell for cell in default_matrix(transformers)
+    cells = [cell for cell in profile_matrix(transformers, profile)
              if expected(cell).outcome == "pass" and mutant.active(cell)]
-    cells.sort(key=cell_cost)
-    return cells if profile == "full" else cells[:DEFAULT_CELLS]
+    cells.sort(key=relative_cost)
+    return cells[:limit] if limit else cells
 
 
 @contextlib.contextmanager
@@ -67,14 +58,14 @@ def summary(detail: str, limit: int = 600) -> str:
     return detail[:limit]
 
 
-def hunt(mutant, transformers: str, profile: str = "default") -> dict:
+def hunt(mutant, transformers: str, profile: str = DEFAULT_PROFILE, limit: int = DEFAULT_CELLS) -> dict:
     """Run ``mutant`` on its cells until one fails. Returns its row of the kill table."""
     from conformance.runner import run_cell
 
     started = time.perf_counter()
     row = {"mutant": mutant.id, "description": mutant.description, "source": mutant.source, "killed": False,
            "killing_cell": None, "what_differed": None, "cells_run": []}
-    cells = active_cells(mutant, transformers, profile)
+    cells = active_cells(mutant, transformers, profile, limit)
     with registered(mutant) as name:
         for cell in cells:
             record = run_cell(cell, name)
@@ -83,7 +74,7 @@ def hunt(mutant, transformers: str, profile: str = "default") -> dict:
                 row.update(killed=True, killing_cell=cell.id, what_differed=summary(record.get("detail", "")))
                 break
     if not cells:
-        row["what_differed"] = f"no active cell for Transformers {transformers}"
+        row["what_differed"] = f"no active cell in profile {profile!r} for Transformers {transformers}"
     row["seconds"] = round(time.perf_counter() - started, 1)
     return row
 
@@ -101,7 +92,9 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mutants", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=PROFILES, default="default")
+    parser.add_argument("--profile", choices=PROFILES, default=DEFAULT_PROFILE)
+    parser.add_argument("--cells", type=int, default=DEFAULT_CELLS,
+                        help=f"at most this many cheapest active cells per mutant (0: all; default {DEFAULT_CELLS})")
     parser.add_argument("--mutant", action="append", default=None, help="a mutant id (repeatable); default: all")
     parser.add_argument("--out", default=".", help="folder for mutants-report.json")
     args = parser.parse_args(argv)
@@ -121,14 +114,15 @@ def main(argv=None) -> int:
     rows = []
     try:
         for mutant in mutants:
-            rows.append(hunt(mutant, transformers.__version__, args.profile))
+            rows.append(hunt(mutant, transformers.__version__, args.profile, args.cells))
             row = rows[-1]
             print(f"{'killed' if row['killed'] else 'SURVIVED':>8}  {row['mutant']}  {row['seconds']}s  "
                   f"{row['killing_cell'] or ''}", flush=True)
     finally:
         launch.close_shared_pools()
     killed = sum(row["killed"] for row in rows)
-    report = {"transformers": transformers.__version__, "profile": args.profile, "mutants": len(rows),
+    report = {"transformers": transformers.__version__, "profile": args.profile, "cells_per_mutant": args.cells,
+              "mutants": len(rows),
               "killed": killed, "kill_rate": killed / len(rows) if rows else None,
               "survivors": [row["mutant"] for row in rows if not row["killed"]],
               "seconds": round(time.perf_counter() - started, 1), "kill_table": rows}

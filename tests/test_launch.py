@@ -254,3 +254,16 @@ def test_a_zombie_parent_counts_as_gone():
         assert not parent_gone(os.getppid()) and parent_gone(os.getpid())
     finally:
         child.wait()
+
+
+def deepspeed_backend_kernel_on_rank() -> tuple:
+    import deepspeed.comm.torch as deepspeed_torch_comm
+
+    return deepspeed_torch_comm.build_shm_op(), dist.get_backend()
+
+
+def test_cpu_ranks_start_deepspeed_without_its_shared_memory_inference_kernel():
+    """DeepSpeed's CPU backend JIT-builds a shared-memory allreduce kernel (90-120 s per fresh
+    environment here) that only inference_all_reduce uses; the launcher's CPU ranks skip it and
+    train through the process group (gloo)."""
+    assert launch.run(2, deepspeed_backend_kernel_on_rank) == [(None, "gloo"), (None, "gloo")]
