@@ -71,6 +71,14 @@ def _titan_numeric(record: dict) -> bool:
     return record["subject"] == "torchtitan" and record.get("interop") not in ("param_order", "hf_roundtrip")
 
 
+def _zero0_expert_parallel_training(record: dict) -> bool:
+    """A ZeRO-0 float32 training cell (not a checkpoint or interop cell) whose ranks hold
+    different experts (DS-6: DeepSpeed's ZeRO-0 clipping norm; ZeRO-1/2/3 compute it right)."""
+    return (str(record["zero_stage"]) == "0" and record.get("autoep_size", 1) > 1
+            and record.get("dtype", "float32") == "float32" and record.get("resume") is None
+            and record.get("interop") is None)
+
+
 RECORDER_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_5_moe")
 
 FINDINGS = [
@@ -119,6 +127,17 @@ FINDINGS = [
             lambda r: Version("5.0") <= _version(r) < Version("5.3") and _has_aux_loss(r),
             None,
             TEST + "test_ds5_aux_loss_input_differs_on_transformers_5_0_to_5_2"),
+    Finding("DS-6", "peer failure", "deepspeed",
+            "ZeRO-0 fp32 gradient clipping (engine.clip_fp32_gradients -> runtime.utils.clip_grad_norm_) uses the "
+            "mean over ranks of each rank's local gradient norm, and under expert parallelism each rank holds only "
+            "its own experts: the norm is too small (deepseek_v3 step 1: 4.1334 at ep4, 4.1579 at ep2, true "
+            "4.2065), every gradient is clipped too little and all parameters drift (1.46e-5 at ep4, 9.6e-6 at "
+            "ep2 after 3 steps); clipped by the global norm the same gradients match to 6e-8",
+            "every version and case (DeepSpeed's code; measured on 5.24.0); ZeRO-0 float32 training cells with "
+            "autoep_size > 1",
+            _zero0_expert_parallel_training,
+            None,
+            TEST + "test_ds6_zero0_clips_by_the_mean_of_local_norms_under_expert_parallelism"),
     # TorchTitan 0.3.0's MoE replacement (conformance/titan.py), measured on Transformers 5.24.0.
     Finding("TT-1", "peer failure", "torchtitan",
             "TorchTitan's MoE swaps out the Transformers router module that the output recorder hooks, so no "

@@ -227,3 +227,116 @@ def test_ds4_zero3_universal_load_shares_one_step_tensor_between_sub_groups(tmp_
     assert result["loaded"] == [1.0] * result["sub_groups"], result
     # One engine step, but each sub-group's AdamW step incremented the one shared tensor.
     assert result["after"] == [1.0 + result["sub_groups"]] * result["sub_groups"], result
+
+
+# --- DS-6: ZeRO-0 clips by the mean of the ranks' local gradient norms --------------------------
+
+def zero0_clipping_on_rank(autoep_size: int, batches: torch.Tensor, clip_by: str) -> dict:
+    """Rank side: DeepSpeed's AutoEP at ZeRO-0 (float32) trains ``batches``; the engine's clipping
+    (``clip_fp32_gradients``) is wrapped to record, at each step, this rank's local gradient norm,
+    DeepSpeed's norm (``runtime.utils.clip_grad_norm_``, the engine's own call) and the global norm
+    of the same gradients (replicated ones once, each expert once). ``clip_by``: "deepspeed" (the
+    engine's own clipping) or "global" (the same gradients clipped by the global norm)."""
+    import torch.distributed as dist
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.runtime.utils import clip_grad_norm_
+    from deepspeed.utils import groups
+
+    from conformance.training import GRADIENT_CLIPPING
+
+    setup = TrainingSetup(0, autoep_size)
+    norms = {"local": [], "deepspeed": [], "global": []}
+    with process_globals_restored():
+        engine = build_engine("deepseek_v3", "deepspeed", "float32", 0, setup)
+        assert engine.gradient_clipping() == GRADIENT_CLIPPING
+
+        def clip_fp32_gradients():
+            params = [p for p in engine.module.parameters() if p.grad is not None]
+            dense = sum(float(p.grad.double().pow(2).sum()) for p in params if not is_moe_param(p))
+            experts = torch.zeros((), dtype=torch.float64)
+            for p in params:
+                if is_moe_param(p):
+                    experts += p.grad.double().pow(2).sum()
+            local = (dense + float(experts)) ** 0.5
+            names = {p.group_name for p in params if is_moe_param(p)}
+            assert len(names) == 1, names
+            dist.all_reduce(experts, group=groups._get_expert_parallel_group(names.pop()))
+            norm = (dense + float(experts)) ** 0.5
+            if clip_by == "deepspeed":  # engine.clip_fp32_gradients' own call
+                ds_norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
+                                          mpu=engine.mpu)
+            else:
+                ds_norm = clip_grad_norm_(parameters=params, max_norm=float("inf"))  # the norm only (coef 1)
+                coefficient = GRADIENT_CLIPPING / (norm + 1e-6)  # DeepSpeed's formula, by the global norm
+                if coefficient < 1.0:
+                    for p in params:
+                        p.grad.mul_(coefficient)
+            norms["local"].append(local)
+            norms["deepspeed"].append(float(ds_norm))
+            norms["global"].append(norm)
+
+        engine.clip_fp32_gradients = clip_fp32_gradients
+        losses = train_steps(engine, batches, range(setup.steps), setup)
+        return {"norms": norms, "losses": losses, "params": DEEPSPEED.full_parameters(engine),
+                "expert_shards": DEEPSPEED.expert_shards(engine.module)}
+
+
+def test_ds6_zero0_clips_by_the_mean_of_local_norms_under_expert_parallelism():
+    """The unclassified cell deepseek_v3 ZeRO-0 w4-ep4: DeepSpeed's ZeRO-0 fp32 clipping averages
+    each rank's local gradient norm over the ranks, and each rank's gradient holds only its own
+    experts, so the norm is too small, every gradient is clipped too little, and all parameters
+    drift from the reference. The gradients themselves are right: their global norm is the
+    reference's, and clipped by it the same engine trains like the reference."""
+    _needs_peer()
+    from conformance.training import GRADIENT_CLIPPING, assemble, global_batches, micro_batch, reference_training
+    from conformance.tolerances import compare
+
+    case, world, setup = CASES_BY_ID["deepseek_v3"], 4, TrainingSetup(0, 4)
+    batches = global_batches(case.build(seed=0).config.get_text_config().vocab_size, world, setup)
+    model = case.build(seed=0).train()  # the reference's first gradient and its norm
+    for rank in range(world):
+        ids = micro_batch(batches, 0, 0, rank, world, setup)
+        (model(input_ids=ids, labels=ids).loss / world).backward()
+    reference_norm = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+    assert reference_norm > GRADIENT_CLIPPING  # clipping is active, so its norm scales every update
+    reference = reference_training(case, torch.float32, 0, setup, world, batches)
+    tol = tolerance(torch.float32, "multi")
+
+    runs = {clip_by: launch.run(world, zero0_clipping_on_rank, 4, batches, clip_by) for clip_by in ("deepspeed",
+                                                                                                     "global")}
+    for clip_by, results in runs.items():
+        norms = [result["norms"] for result in results]
+        assert all(len(n["deepspeed"]) == setup.steps for n in norms), "the engine did not clip via clip_fp32_gradients"
+        local_norms = [n["local"][0] for n in norms]  # step 1
+        deepspeed_norm, global_norm = norms[0]["deepspeed"][0], norms[0]["global"][0]
+        assert len(set(local_norms)) == world, local_norms  # each rank's gradient holds other experts
+        # The mechanism: DeepSpeed's norm is the mean of the local norms, ~1.7% below the global norm.
+        assert compare("mean of local norms", torch.tensor(deepspeed_norm), torch.tensor(sum(local_norms) / world),
+                       tol).ok, (deepspeed_norm, local_norms)
+        assert compare("global norm", torch.tensor(global_norm), torch.tensor(reference_norm), tol).ok, \
+            (global_norm, reference_norm)
+        assert (reference_norm - deepspeed_norm) / reference_norm > 0.01, (deepspeed_norm, reference_norm)
+        params = assemble(results)
+        checks = [compare(f"param {name}", params[name], value, tol) for name, value in reference["params"].items()]
+        failures = _failures(checks)
+        worst = max(check.max_abs_diff for check in checks)
+        if clip_by == "deepspeed":  # the cell's failure, every kind of parameter
+            assert failures and worst > 1e-5, (worst, failures)
+        else:  # the same engine and gradients, clipped by the global norm: as AutoEP's (~6e-8)
+            assert not failures and worst < 1e-6, (worst, failures)
+
+
+def test_ds6_labels_only_zero0_expert_parallel_training_cells():
+    detail = "param model.layers.0.self_attn.q_proj.weight: max|diff|=1.46e-05 (OUT OF TOLERANCE)"
+
+    def record(**changes):
+        return {**_record("deepseek_v3", detail, "5.24.0", zero_stage=0), "world_size": 4, "autoep_size": 4,
+                "dtype": "float32", "interop": None, **changes}
+
+    assert classify(record()).id == "DS-6"
+    assert classify(record(autoep_size=2, world_size=2)).id == "DS-6"
+    assert classify(record(autoep_size=1)) is None  # every rank holds every expert: its norm is right
+    assert classify(record(zero_stage=1)) is None  # ZeRO-1/2/3 compute the global norm
+    assert classify(record(resume="w2-ep1")) is None  # checkpoint cells: not measured
+    assert classify(record(detail="Traceback ...\nRuntimeError: x")) is None  # something raised
+    assert classify(record(subject="autoep")) is None
