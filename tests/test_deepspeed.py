@@ -213,3 +213,19 @@ def test_deepspeed_subject_adapter_maps_the_peer_back_to_transformers_names():
     checks = compare_training(CASES_BY_ID["deepseek_v3"], SUBJECTS["deepspeed"], torch.float32, TrainingSetup(3, 2))
     assert all(check.ok for check in checks), [str(c) for c in checks if not c.ok]
     assert any(c.what.endswith("experts.gate_up_proj") for c in checks)
+
+
+def test_zero0_fp32_engine_reports_the_global_norm_it_clipped_with():
+    # DeepSpeed's ZeRO-0 fp32 path records no norm (get_global_grad_norm() is None); ours records
+    # the global norm it clips with, which must be the reference's total norm before clipping.
+    from conformance.tolerances import assert_close, tolerance
+    from conformance.training import global_batches, reference_training, train_on_rank
+
+    case, world, setup = CASES_BY_ID["mixtral"], 2, TrainingSetup(0, 2, steps=2)
+    batches = global_batches(case.build(seed=0).config.get_text_config().vocab_size, world, setup)
+    results = launch.run(world, train_on_rank, case.id, "autoep", "float32", 0, setup, batches)
+    reference = reference_training(case, torch.float32, 0, setup, world, batches)["grad_norms"]
+    assert bool((reference > 1.0).all())  # clipping is active at every step
+    reported = torch.tensor([result["clipping"]["reported"] for result in results], dtype=torch.float64)
+    assert_close("engine.get_global_grad_norm()", reported, reference.expand(world, setup.steps),
+                 tolerance(torch.float32, "multi"))
