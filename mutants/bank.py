@@ -163,6 +163,43 @@ class RouterReplicasDrift(Mutant):
         engine._get_gradients_for_reduction = without_router_reduction
 
 
+class ClipNormMeanOfLocalNorms(Mutant):
+    id = "clip_norm_mean_of_local_norms"
+    description = ("ZeRO-0 fp32 clipping by the mean over ranks of each rank's local gradient norm (each rank "
+                   "holds only its own experts: the norm is too small), not the global norm")
+    source = "DeepSpeed runtime/utils.py clip_grad_norm_ (finding DS-6)"
+
+    def active(self, cell):
+        # Where ranks hold different experts: with autoep_size 1 every rank's gradient is the full one.
+        return (equivalence_cell(cell) and cell.zero_stage == 0 and cell.autoep_size > 1
+                and cell.dtype == "float32")
+
+    def plant_engine(self, engine):
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        def clip_fp32_gradients():  # AutoEPEngine's, with DeepSpeed's norm in place of clip_by_global_norm's
+            norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
+                                   mpu=engine.mpu)
+            engine._global_grad_norm = float(norm)
+
+        engine.clip_fp32_gradients = clip_fp32_gradients
+
+
+class LowPrecisionClipIgnoresExperts(Mutant):
+    id = "low_precision_clip_ignores_experts"
+    description = ("ZeRO-0 bf16 clipping by the norm of the non-expert gradients only (DeepSpeed's "
+                   "FP16_UnfusedOptimizer drops the expert part): every step clipped too little under EP")
+    source = "DeepSpeed runtime/fp16/unfused_optimizer.py step (found by this suite's clipping-norm check)"
+
+    def active(self, cell):
+        return equivalence_cell(cell) and cell.zero_stage == 0 and cell.autoep_size > 1 and cell.dtype == "bfloat16"
+
+    def plant_engine(self, engine):
+        # AutoEPEngine gives the optimizer instance a global-norm unscale_and_clip_grads; without it
+        # the class's method clips with the norm DeepSpeed computed (experts left out).
+        engine.optimizer.__dict__.pop("unscale_and_clip_grads", None)
+
+
 class MissingGradContributions(Mutant):
     id = "missing_grad_contributions"
     description = "routed experts' input detached: the MoE path adds nothing to the hidden-state gradient"
@@ -468,9 +505,9 @@ class Zero3SharedStepAfterLoad(Mutant):
 
 BANK: list[Mutant] = [cls() for cls in (
     ExpertGradScaledByEP, CorrectionBiasDropped, UniversalMomentsLost, RouterWrongAfterZero3Partitioning,
-    RouterGradWrongLossRight, MissingGradContributions, EDPNotReduced, RouterReplicasDrift, PaddingRowsLeak,
-    CapacityTokenDrop, GroupLimitedAsGreedy, RoutedScalingNotApplied, NormTopkPolarity, RouterLogitsSlotSwapped,
-    ExpertsWrongOrderOnRank, OnlyEPRank0ExpertsSaved, Zero3SharedStepAfterLoad)]
+    RouterGradWrongLossRight, MissingGradContributions, EDPNotReduced, RouterReplicasDrift, ClipNormMeanOfLocalNorms,
+    LowPrecisionClipIgnoresExperts, PaddingRowsLeak, CapacityTokenDrop, GroupLimitedAsGreedy, RoutedScalingNotApplied, NormTopkPolarity,
+    RouterLogitsSlotSwapped, ExpertsWrongOrderOnRank, OnlyEPRank0ExpertsSaved, Zero3SharedStepAfterLoad)]
 BY_ID: dict[str, Mutant] = {mutant.id: mutant for mutant in BANK}
 
 

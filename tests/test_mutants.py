@@ -56,3 +56,29 @@ def test_a_mutant_without_a_killing_cell_is_reported_as_survivor(monkeypatch):
     row = hunt(mutant, VERSION)
     assert not row["killed"] and row["cells_run"] == [{"cell": cell.id, "status": "pass",
                                                        "seconds": row["cells_run"][0]["seconds"]}]
+
+
+def test_clip_norm_mutant_is_active_where_ranks_hold_different_experts():
+    mutant = BY_ID["clip_norm_mean_of_local_norms"]
+    cell = Cell(VERSION, "deepseek_v3", 0, 4, 2, "float32")
+    assert mutant.active(cell)
+    assert mutant.active(Cell(VERSION, "deepseek_v3", 0, 4, 4, "float32"))
+    assert not mutant.active(Cell(VERSION, "deepseek_v3", 0, 4, 1, "float32"))  # every rank: every expert
+    assert not mutant.active(Cell(VERSION, "deepseek_v3", 1, 4, 2, "float32"))  # ZeRO-1/2/3: their own clipping
+
+
+def test_clipping_norm_check_kills_clip_norm_mutant_where_parameters_alone_do_not():
+    """deepseek_v3 ZeRO-0 w4-ep2: the mean of local norms is 1.2% small; after 3 steps the
+    parameters drift 1.1e-5 (inside the tolerance: before the clipping checks the mutant passed
+    this cell), while the norm the engine clipped with, reported and applied, is out of tolerance.
+    The unmutated subject passes the same cell, its reported norm compared (not skipped)."""
+    from mutants.__main__ import registered
+
+    cell = Cell(VERSION, "deepseek_v3", 0, 4, 2, "float32")
+    with registered(BY_ID["clip_norm_mean_of_local_norms"]) as name:
+        record = run_cell(cell, name)
+    assert record["status"] == "fail", record
+    failed = [part.split(":")[0] for part in record["detail"].split("; ")]
+    assert failed == ["grad norm (engine.get_global_grad_norm, every rank, per step)",
+                      "clip coefficient applied (every rank, per step)"], record["detail"]
+    assert run_cell(cell, "autoep")["status"] == "pass"
