@@ -30,12 +30,15 @@ def subject_step_on_rank(case_id: str, subject_name: str, dtype_name: str, seed:
     from conformance.equivalence import _run
     from conformance.subjects import subject_by_name
 
+    from conformance.training import process_groups_released
+
     subject = subject_by_name(subject_name)
     model = CASES_BY_ID[case_id].build(seed=seed, dtype=getattr(torch, dtype_name))
-    model = subject.apply(model, block)
-    micro_ids = input_ids.chunk(dist.get_world_size())[dist.get_rank()]
-    run = _run(model, micro_ids)
-    return {"run": run, "expert_shards": subject.expert_shards(model)}
+    with process_groups_released():
+        model = subject.apply(model, block)
+        micro_ids = input_ids.chunk(dist.get_world_size())[dist.get_rank()]
+        run = _run(model, micro_ids)
+        return {"run": run, "expert_shards": subject.expert_shards(model)}
 
 
 def gradient_sums(grads_per_rank: list[dict], shards_per_rank: list[dict]) -> dict[str, torch.Tensor]:
@@ -128,24 +131,26 @@ def block_step_on_rank(case_id: str, subject_name: str, block_name: str, dtype_n
     ``sum(output * upstream)``. Returns the output, the input gradient, the block's local
     parameter gradients (names relative to the block), its expert shards and the wire log."""
     from conformance.subjects import subject_by_name
+    from conformance.training import process_groups_released
 
     subject = subject_by_name(subject_name)
     model = CASES_BY_ID[case_id].build(seed=seed, dtype=getattr(torch, dtype_name))
     if router_weight is not None:
         set_router_weight(model, block_name, router_weight)
-    model = subject.apply(model, {"autoep_size": autoep_size})
-    block = model.get_submodule(block_name)
-    block.zero_grad(set_to_none=True)
-    x_TH = hidden_TH.clone().requires_grad_(True)
-    with WireMeter() as meter:
-        out_TH = block(x_TH.unsqueeze(0)).squeeze(0)
-        (out_TH.to(torch.float64) * upstream_TH.to(torch.float64)).sum().backward()
-    prefix = block_name + "."
-    shards = {name[len(prefix):]: shard for name, shard in subject.expert_shards(model).items()
-              if name.startswith(prefix)}
-    grads = {name: (None if p.grad is None else p.grad.detach().clone()) for name, p in block.named_parameters()}
-    return {"output": out_TH.detach(), "input_grad": x_TH.grad.detach(), "grads": grads, "expert_shards": shards,
-            "wire": meter.calls}
+    with process_groups_released():
+        model = subject.apply(model, {"autoep_size": autoep_size})
+        block = model.get_submodule(block_name)
+        block.zero_grad(set_to_none=True)
+        x_TH = hidden_TH.clone().requires_grad_(True)
+        with WireMeter() as meter:
+            out_TH = block(x_TH.unsqueeze(0)).squeeze(0)
+            (out_TH.to(torch.float64) * upstream_TH.to(torch.float64)).sum().backward()
+        prefix = block_name + "."
+        shards = {name[len(prefix):]: shard for name, shard in subject.expert_shards(model).items()
+                  if name.startswith(prefix)}
+        grads = {name: (None if p.grad is None else p.grad.detach().clone()) for name, p in block.named_parameters()}
+        return {"output": out_TH.detach(), "input_grad": x_TH.grad.detach(), "grads": grads, "expert_shards": shards,
+                "wire": meter.calls}
 
 
 def set_router_weight(model: torch.nn.Module, block_name: str, weight_EH: torch.Tensor) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import logging
 from dataclasses import dataclass
 
@@ -157,13 +158,60 @@ def micro_batch(batches: torch.Tensor, step: int, accum: int, rank: int, world: 
 
 
 @contextlib.contextmanager
+def process_groups_released(keep=lambda: ()):
+    """Rank side: destroy the process groups created inside the block (the subject's EP/EDP
+    groups, DeepSpeed's expert groups), except those ``keep()`` names (groups a library caches
+    for later runs). Rank processes are shared between runs and a gloo group keeps its threads
+    until destroyed: measured, after ~250 cells each 4-rank worker held 880 gloo threads
+    (pt_gloo_runloop, gloo_tcp_loop) and the cells ran 5-10x slower (load average 135)."""
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    before = set(c10d._world.pg_map)
+    try:
+        yield
+    finally:
+        kept = {id(group) for group in keep()}
+        for group in [g for g in list(c10d._world.pg_map) if g not in before and id(g) not in kept]:
+            try:
+                dist.destroy_process_group(group)
+            except Exception:  # already destroyed by its owner
+                pass
+        gc.collect()  # a destroyed gloo group's threads end when the last reference to it goes
+
+
+def _deepspeed_cached_groups() -> list:
+    """The process groups DeepSpeed's group module holds in its globals (created once, e.g. the
+    sequence-data-parallel group, and reused by every later engine)."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    found = []
+
+    def visit(value, depth=0):
+        if isinstance(value, dist.ProcessGroup):
+            found.append(value)
+        elif depth < 2 and isinstance(value, dict):
+            for item in value.values():
+                visit(item, depth + 1)
+        elif depth < 2 and isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item, depth + 1)
+
+    for value in vars(groups).values():
+        visit(value)
+    return found
+
+
+@contextlib.contextmanager
 def process_globals_restored():
     """DeepSpeed's ZeRO-3 engine replaces ``torch.nn.functional.linear`` for the rest of the
     process (``memory_efficient_linear``; its log says it "will persist unless manually
     reset"). Rank processes are shared between runs, so without this a run's linears (and their
     bf16 rounding) would depend on which cells ran before it: measured, qwen2_moe ZeRO-2 bf16
     passed alone but failed (k_proj.bias update) after ZeRO-3 cells. Each run leaves the process
-    as it found it (also DeepSpeed's expert-group registry)."""
+    as it found it (also DeepSpeed's expert-group registry, and the process groups the run
+    created: ``process_groups_released``)."""
     import torch.nn.functional as F
     from deepspeed.utils import groups, logger
 
@@ -179,6 +227,8 @@ def process_globals_restored():
                   groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS]
     names = [set(registry) for registry in registries]
     linear = F.linear
+    released = process_groups_released(keep=_deepspeed_cached_groups)
+    released.__enter__()
     try:
         yield
     finally:
@@ -187,6 +237,7 @@ def process_globals_restored():
         for registry, before in zip(registries, names):
             for name in set(registry) - before:
                 del registry[name]
+        released.__exit__(None, None, None)  # after the registries: their groups are released too
 
 
 def build_engine(case_id: str, subject_name: str, dtype_name: str, seed: int, setup: TrainingSetup,
