@@ -126,14 +126,23 @@ def save_pretrained(source, output_dir: str) -> None:
     """Write a Hugging Face checkpoint of ``source``: an engine from ``autoep.initialize``, a
     model after ``autoep.apply`` (collective: call on every rank), or the path of a
     checkpoint tag folder saved by such an engine. ``output_dir`` must not exist."""
-    if os.path.exists(output_dir):
-        raise FileExistsError(f"output_dir {output_dir} already exists; choose a new folder (nothing was written)")
+    exists = os.path.exists(output_dir)
     if isinstance(source, (str, os.PathLike)):
+        if exists:
+            raise FileExistsError(f"output_dir {output_dir} already exists; choose a new folder (nothing was written)")
         state, config = state_from_checkpoint(os.fspath(source))
         _write(output_dir, state, config)
         return
     import torch.distributed as dist
 
+    if dist.is_available() and dist.is_initialized():
+        # Every rank's verdict, agreed before rank 0 can create the folder: a rank whose EP group
+        # finished gathering first must not make a slower rank see its own output as "existing".
+        verdicts = [None] * dist.get_world_size()
+        dist.all_gather_object(verdicts, exists)
+        exists = any(verdicts)
+    if exists:
+        raise FileExistsError(f"output_dir {output_dir} already exists; choose a new folder (nothing was written)")
     model = getattr(source, "module", source)
     state = full_state_dict(model)
     distributed = dist.is_available() and dist.is_initialized()

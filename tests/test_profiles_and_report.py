@@ -166,4 +166,7 @@ def test_cells_leave_no_process_groups_or_gloo_threads_behind_on_shared_ranks():
     after_zero = launch.run(4, process_groups_and_gloo_threads_on_rank)
     assert [groups for groups, _ in after_zero] == groups_before
     assert run_cell(plain)["status"] == "pass"
-    assert launch.run(4, process_groups_and_gloo_threads_on_rank) == after_zero
+    after_plain = launch.run(4, process_groups_and_gloo_threads_on_rank)
+    # The groups as before; no new gloo thread (garbage collection may end older ones meanwhile).
+    assert [groups for groups, _ in after_plain] == groups_before
+    assert all(threads <= before for (_, threads), (_, before) in zip(after_plain, after_zero)), after_plain
