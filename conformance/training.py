@@ -227,17 +227,16 @@ def process_globals_restored():
                   groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS]
     names = [set(registry) for registry in registries]
     linear = F.linear
-    released = process_groups_released(keep=_deepspeed_cached_groups)
-    released.__enter__()
-    try:
-        yield
-    finally:
-        F.linear = linear
-        logger.setLevel(logger_level)
-        for registry, before in zip(registries, names):
-            for name in set(registry) - before:
-                del registry[name]
-        released.__exit__(None, None, None)  # after the registries: their groups are released too
+    # The groups are released when this block exits, after the registries below drop theirs.
+    with process_groups_released(keep=_deepspeed_cached_groups):
+        try:
+            yield
+        finally:
+            F.linear = linear
+            logger.setLevel(logger_level)
+            for registry, before in zip(registries, names):
+                for name in set(registry) - before:
+                    del registry[name]
 
 
 def build_engine(case_id: str, subject_name: str, dtype_name: str, seed: int, setup: TrainingSetup,
