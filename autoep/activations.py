@@ -147,3 +147,45 @@ def identify_activation(act: object) -> str:
             "torch.nn SiLU/GELU/ReLU/ReLU6/LeakyReLU(0.01)/Sigmoid/Tanh/Mish/Hardswish/Identity, or "
             "torch.nn.functional silu/gelu/relu/relu6/mish/hardswish/sigmoid/tanh.")
     return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Gated activations with parameters: the whole GLU, not act(gate) * up.
+# "swiglu_clamped" is GPT-OSS's clamped SwiGLU (MiniMax-M3's experts and shared expert):
+#     g = min(gate, limit), u = clamp(up, -limit, limit), out = (u + 1) * g * sigmoid(alpha * g)
+# with alpha and limit read from the module that computes it (never assumed).
+CLAMPED_SWIGLU = "swiglu_clamped"
+# attributes of a module that hold a clamped activation's settings
+CLAMP_ATTRIBUTES = ("swiglu_alpha", "swiglu_limit", "alpha", "limit")
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def clamped_swiglu_params(owner: object, alpha_attr: str, limit_attr: str, where: str) -> tuple[float, float]:
+    """(alpha, limit) of a clamped SwiGLU, read from ``owner``'s attributes; refuses a value that
+    is missing or not a finite number (limit must be > 0)."""
+    values = []
+    for attr in (alpha_attr, limit_attr):
+        value = getattr(owner, attr, None)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UnsupportedActivationError(
+                f"{where}: the clamped SwiGLU needs a finite number in {type(owner).__name__}.{attr}, found "
+                f"{value!r}; AutoEP computes (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), "
+                "g = clamp(gate, max=limit), with alpha and limit read from the module.")
+        values.append(float(value))
+    if values[1] <= 0:
+        raise UnsupportedActivationError(f"{where}: {type(owner).__name__}.{limit_attr}={values[1]} must be > 0.")
+    return values[0], values[1]
+
+
+def has_custom_gate(experts: object) -> bool:
+    """True when the experts' class defines its own ``_apply_gate`` (the gate-up -> hidden step
+    that Transformers' experts kernels call), i.e. a GLU other than ``act_fn(gate) * up``."""
+    gate = getattr(type(experts), "_apply_gate", None)
+    return gate is not None and getattr(gate, "__name__", "") != "_default_apply_gate"

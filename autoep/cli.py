@@ -1,10 +1,12 @@
 """`autoep` console command.
 
     autoep inspect MODEL_TYPE_OR_CONFIG_JSON [--ep-config BLOCK.json] [--json]
+    autoep inspect --families [--json]
 
 builds the model on the meta device (no weights are allocated or downloaded) from a
 model type's default config or a config.json file, and prints the MoE blocks AutoEP
-would replace.
+would replace; with --families, prints every fused-experts MoE family of the installed
+Transformers with the family table's verdict (supported, refused with the reason, ...).
 """
 
 from __future__ import annotations
@@ -56,7 +58,26 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cmd_families(args) -> int:
+    from autoep.presets.survey import installed_families, summary
+
+    families = installed_families()
+    rows = [family.row() for family in families]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(summary(families))
+        print(_table(rows))
+    return 0
+
+
 def cmd_inspect(args) -> int:
+    if args.families:
+        if args.model is not None or args.ep_config:
+            raise ValueError("autoep inspect --families takes no model and no --ep-config")
+        return cmd_families(args)
+    if args.model is None:
+        raise ValueError("autoep inspect needs a model type or config.json path (or --families)")
     import autoep
 
     block = None
@@ -95,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="autoep", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="show the MoE blocks AutoEP would replace")
-    inspect.add_argument("model", help="a model type (e.g. mixtral) or a config.json path")
+    inspect.add_argument("model", nargs="?", help="a model type (e.g. mixtral) or a config.json path")
+    inspect.add_argument("--families", action="store_true",
+                         help="list every fused-experts MoE family of the installed Transformers and its status")
     inspect.add_argument("--ep-config", help="a DeepSpeed config (or bare expert_parallel block) JSON file")
     inspect.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     inspect.set_defaults(func=cmd_inspect)

@@ -107,8 +107,13 @@ class AutoEPConfig:
                 f"expert_parallel.expert_w3={show(self.expert_w3)}: a separate up-projection is not supported; "
                 "Transformers 5.x stores experts fused as gate_up_proj [E, 2I, H]. Remove the key (or set null).")
         if self.preset_model is not None:
-            from autoep.presets import PRESETS
+            from autoep.presets import PRESETS, REFUSED_MODEL_TYPES
 
+            refusal = REFUSED_MODEL_TYPES.get(self.preset_model)
+            if self.preset_model not in PRESETS and refusal is not None:
+                raise AutoEPConfigError(
+                    f"expert_parallel.preset_model={show(self.preset_model)} names a MoE family AutoEP refuses: "
+                    f"{refusal.reason} (established on transformers{refusal.versions}).")
             if self.preset_model not in PRESETS:
                 raise AutoEPConfigError(
                     f"expert_parallel.preset_model={show(self.preset_model)} is not a known preset. "

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from autoep.activations import CONFIG_NAMES, UnsupportedActivationError, identify_activation
+from autoep.activations import (CLAMP_ATTRIBUTES, CLAMPED_SWIGLU, CONFIG_NAMES, UnsupportedActivationError,
+                                clamped_swiglu_params, has_custom_gate, identify_activation)
 from autoep.config import AUTO, AutoEPConfig
-from autoep.presets import MODEL_TYPE_TO_PRESET, PRESETS, Preset
+from autoep.presets import MODEL_TYPE_TO_PRESET, PRESETS, REFUSED_MODEL_TYPES, Preset
 from autoep.routing import RoutingSpec
 from autoep.versions import UnsupportedTransformersError, at_least, transformers_version
 
@@ -53,6 +54,9 @@ class MoELayerSpec:
     # The shared expert MLP's activation (canonical name; None when it is not one AutoEP knows:
     # the layer calls the original shared MLP, so only the reference needs it).
     shared_activation: str | None = None
+    # (alpha, limit) of a "swiglu_clamped" activation (routed experts / shared expert); () otherwise.
+    activation_params: tuple[float, ...] = ()
+    shared_activation_params: tuple[float, ...] = ()
     block: nn.Module | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -90,11 +94,17 @@ def resolve_preset(model: nn.Module, config: AutoEPConfig) -> tuple[Preset, str]
         preset = PRESETS[config.preset_model]
     else:
         name = MODEL_TYPE_TO_PRESET.get(model_type) or MODEL_TYPE_TO_PRESET.get(outer_type)
+        refusal = REFUSED_MODEL_TYPES.get(model_type) or REFUSED_MODEL_TYPES.get(outer_type)
+        if name is None and refusal is not None:
+            raise DetectionError(
+                f"model.config.model_type={outer_type!r} is a MoE family AutoEP refuses: {refusal.reason} "
+                f"(established on transformers{refusal.versions}; `autoep inspect --families` lists every family).")
         if name is None:
             raise DetectionError(
                 f"model.config.model_type={outer_type!r} has no built-in AutoEP preset; set "
-                f"expert_parallel.preset_model to one of {', '.join(sorted(PRESETS))} "
-                f"(supported model types: {', '.join(sorted(MODEL_TYPE_TO_PRESET))}).")
+                f"expert_parallel.preset_model to one of {', '.join(sorted(PRESETS))} if its MoE block is one of "
+                f"theirs (supported model types: {', '.join(sorted(MODEL_TYPE_TO_PRESET))}; `autoep inspect "
+                "--families` shows the table).")
         preset = PRESETS[name]
         logger.info("autoep: preset %r chosen from model.config.model_type=%r", name, model_type)
     check_transformers_for(preset)
@@ -261,7 +271,33 @@ def detect(model: nn.Module, config: AutoEPConfig) -> list[MoELayerSpec]:
     if not specs:
         where = f"matching moe_layer_pattern {config.moe_layer_pattern!r}" if pattern else f"of class {block_class}"
         raise DetectionError(f"no MoE block {where} found in {type(model).__name__} (preset {preset.name!r}).")
+    if pattern is None:
+        _warn_other_moe_blocks(model, specs, preset)
     return specs
+
+
+def other_fused_experts(model: nn.Module, specs: list[MoELayerSpec]) -> list[str]:
+    """Modules holding fused experts (3-D ``gate_up_proj`` / ``down_proj``) outside every described
+    block, e.g. Qwen3-Omni's Talker or dots.ocr's vision MoE beside the language model's blocks."""
+    covered = tuple(spec.name + "." for spec in specs)
+    return sorted({name.rsplit(".", 1)[0] for name, param in model.named_parameters()
+                   if param.dim() == 3 and name.rsplit(".", 1)[-1] in ("gate_up_proj", "down_proj")
+                   and not name.startswith(covered)})
+
+
+def _warn_other_moe_blocks(model: nn.Module, specs: list[MoELayerSpec], preset: Preset) -> None:
+    """Experts the family row does not describe stay the stock modules: computed exactly, but dense
+    (every rank holds all of them; their gradients reduce like any replicated parameter). Said once,
+    so a user never mistakes them for expert-parallel ones."""
+    others = other_fused_experts(model, specs)
+    if others:
+        shown = ", ".join(f"{name} ({type(model.get_submodule(name)).__name__})" for name in others[:4])
+        more = f" and {len(others) - 4} more" if len(others) > 4 else ""
+        logger.warning(
+            "autoep: %s holds fused experts outside the %d MoE blocks the %r family describes: %s%s. They stay "
+            "dense, unreplaced (replicated on every rank, not expert-parallel); set expert_parallel."
+            "moe_layer_pattern to choose the blocks explicitly and silence this.", type(model).__name__, len(specs),
+            preset.name, shown, more)
 
 
 def experts_activation(where: str, experts: nn.Module, config_activation) -> str:
@@ -286,11 +322,39 @@ def experts_activation(where: str, experts: nn.Module, config_activation) -> str
     return name
 
 
-def _shared_activation(mlp: nn.Module) -> str | None:
+def _routed_activation(where: str, experts: nn.Module, config_activation, preset: Preset) -> tuple[str, tuple]:
+    """(canonical name, parameters) of the routed experts' gated activation. A row that declares
+    the clamped SwiGLU reads alpha/limit from the experts; any other row refuses experts that
+    carry clamp settings or their own ``_apply_gate`` (a GLU other than ``act_fn(gate) * up``)."""
+    if preset.clamped_swiglu is not None:
+        try:
+            return CLAMPED_SWIGLU, clamped_swiglu_params(experts, *preset.clamped_swiglu, f"{where}: experts")
+        except UnsupportedActivationError as error:
+            raise DetectionError(str(error)) from None
+    clamps = {attr: getattr(experts, attr) for attr in CLAMP_ATTRIBUTES if getattr(experts, attr, None) is not None}
+    if clamps or has_custom_gate(experts):
+        detail = f"clamp settings {clamps}" if clamps else f"their own {type(experts).__name__}._apply_gate"
+        raise DetectionError(
+            f"{where}: the experts carry {detail}: their gated activation is not act_fn(gate) * up, and preset "
+            f"{preset.name!r} declares no other (only the clamped GPT-OSS SwiGLU, Preset.clamped_swiglu, is "
+            "known). Refusing rather than computing another function.")
+    return experts_activation(where, experts, config_activation), ()
+
+
+def _shared_activation(mlp: nn.Module, preset: Preset) -> tuple[str | None, tuple]:
+    """The shared expert MLP's activation (None when AutoEP does not know it: the layer calls the
+    original MLP, only the reference needs the formula)."""
+    if preset.clamped_swiglu is not None and getattr(mlp, "act_fn", None) is None:
+        try:
+            return CLAMPED_SWIGLU, clamped_swiglu_params(mlp, *preset.clamped_swiglu, "shared expert")
+        except UnsupportedActivationError:
+            return None, ()
+    if any(getattr(mlp, attr, None) is not None for attr in CLAMP_ATTRIBUTES):
+        return None, ()
     try:
-        return identify_activation(getattr(mlp, "act_fn", None))
+        return identify_activation(getattr(mlp, "act_fn", None)), ()
     except UnsupportedActivationError:
-        return None
+        return None, ()
 
 
 def _check_block(name, block, preset, model_type, routing, num_experts, top_k, hidden, intermediate,
@@ -328,7 +392,8 @@ def _check_block(name, block, preset, model_type, routing, num_experts, top_k, h
     for bias_name in (f"{gate_up_name}_bias", f"{down_name}_bias"):
         if getattr(experts, bias_name, None) is not None:
             raise DetectionError(f"{where}: experts carry {bias_name}; biased experts are not supported.")
-    activation = experts_activation(where, experts, config_activation)  # (before: PReLU holds a parameter)
+    # (before the parameter check: PReLU holds a parameter)
+    activation, activation_params = _routed_activation(where, experts, config_activation, preset)
     extra_params = {n for n, _ in experts.named_parameters(recurse=True)} - {gate_up_name, down_name}
     if extra_params:
         raise DetectionError(f"{where}: experts hold unexpected parameters {sorted(extra_params)}.")
@@ -356,18 +421,37 @@ def _check_block(name, block, preset, model_type, routing, num_experts, top_k, h
         gate = getattr(block, shared_gate_attr)
         if _shape(gate.weight) != (1, hidden) or getattr(gate, "bias", None) is not None:
             raise DetectionError(f"{where}: shared expert gate must be Linear(H={hidden}, 1) without bias.")
+    shared_activation, shared_params = (_shared_activation(getattr(block, shared_attr), preset) if shared_attr
+                                        else (None, ()))
     return MoELayerSpec(
         name=name, block_class=type(block).__name__, preset=preset.name, model_type=model_type, routing=routing,
         num_experts=num_experts, top_k=top_k, hidden_size=hidden, intermediate_size=intermediate,
         activation=activation, router_attr=router_attr, experts_attr=experts_attr, gate_up_name=gate_up_name,
         down_name=down_name, shared_attr=shared_attr, shared_gate_attr=shared_gate_attr,
-        shared_activation=_shared_activation(getattr(block, shared_attr)) if shared_attr else None, block=block)
+        shared_activation=shared_activation, activation_params=activation_params,
+        shared_activation_params=shared_params, block=block)
 
 
 def _check_shared_mlp(where: str, mlp: nn.Module, hidden: int) -> None:
+    if getattr(mlp, "gate_proj", None) is None and isinstance(getattr(mlp, "gate_up_proj", None), nn.Linear):
+        _check_fused_shared_mlp(where, mlp, hidden)
+        return
     for proj in ("gate_proj", "up_proj", "down_proj"):
         layer = getattr(mlp, proj, None)
         if layer is None or getattr(layer, "bias", None) is not None:
             raise DetectionError(f"{where}: shared expert must be a SwiGLU MLP with bias-free {proj}.")
     if mlp.gate_proj.weight.shape[1] != hidden or mlp.down_proj.weight.shape[0] != hidden:
         raise DetectionError(f"{where}: shared expert width does not match hidden size {hidden}.")
+
+
+def _check_fused_shared_mlp(where: str, mlp: nn.Module, hidden: int) -> None:
+    """A shared expert whose gate and up projections are one Linear(H, 2I): gate rows, then up rows."""
+    gate_up, down = mlp.gate_up_proj, getattr(mlp, "down_proj", None)
+    if not isinstance(down, nn.Linear) or gate_up.bias is not None or down.bias is not None:
+        raise DetectionError(f"{where}: shared expert with a fused gate_up_proj needs a down_proj Linear; neither "
+                             "may have a bias.")
+    two_i, in_features = gate_up.weight.shape
+    if in_features != hidden or two_i % 2 or tuple(down.weight.shape) != (hidden, two_i // 2):
+        raise DetectionError(
+            f"{where}: shared expert gate_up_proj {tuple(gate_up.weight.shape)} / down_proj "
+            f"{tuple(down.weight.shape)} are not [2I, H={hidden}] / [H={hidden}, I].")

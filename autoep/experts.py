@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoep.activations import ACTIVATIONS
+from autoep.activations import ACTIVATIONS, CLAMPED_SWIGLU, clamped_swiglu
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Transformers' experts implementations the AutoEP experts run (the first is Transformers' default).
@@ -152,20 +152,29 @@ class GroupedExperts(nn.Module):
 
     def __init__(self, gate_up_proj: nn.Parameter, down_proj: nn.Parameter, activation: str = "silu",
                  use_grouped_mm: bool = True, gate_up_name: str = "gate_up_proj", down_name: str = "down_proj",
-                 hf_config=None, down_first: bool = False):
+                 hf_config=None, down_first: bool = False, activation_params: tuple[float, ...] = ()):
         """``hf_config``: the Transformers config whose ``_experts_implementation`` the original
         experts read at every call (the kernel then follows it); without one, ``use_grouped_mm``
         picks grouped_mm or the loop. ``down_first``: register ``down`` before ``gate_up``
-        (the original's order, so parameter order and optimizer state line up)."""
+        (the original's order, so parameter order and optimizer state line up).
+        ``activation_params``: (alpha, limit) of ``activation="swiglu_clamped"``; empty otherwise."""
         super().__init__()
         self.gate_up_name = gate_up_name
         self.down_name = down_name
         for name, param in ((down_name, down_proj), (gate_up_name, gate_up_proj))[::1 if down_first else -1]:
             self.register_parameter(name, param)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation {activation!r} is not one of {', '.join(ACTIVATIONS)}")
+        if activation == CLAMPED_SWIGLU:
+            if len(activation_params) != 2:
+                raise ValueError(f"activation {activation!r} needs (alpha, limit), got {activation_params!r}")
+            self.act_fn = None
+        elif activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not one of {', '.join(ACTIVATIONS)}, {CLAMPED_SWIGLU}")
+        elif activation_params:
+            raise ValueError(f"activation {activation!r} takes no parameters, got {activation_params!r}")
+        else:
+            self.act_fn = ACTIVATIONS[activation]
         self.activation = activation
-        self.act_fn = ACTIVATIONS[activation]
+        self.activation_params = tuple(activation_params)
         self.hf_config = hf_config
         self.default_implementation = "grouped_mm" if use_grouped_mm else "eager"
         self.last_path: str | None = None  # "grouped_mm", "loop" or "batched_mm": which kernel ran last
@@ -193,7 +202,8 @@ class GroupedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         experts, two_i, hidden = self.gate_up.shape
-        return (f"local_experts={experts}, hidden={hidden}, expert_width={two_i // 2}, act={self.activation}, "
+        act = self.activation + (f"{self.activation_params}" if self.activation_params else "")
+        return (f"local_experts={experts}, hidden={hidden}, expert_width={two_i // 2}, act={act}, "
                 f"implementation={self.implementation()}")
 
     def kernel(self) -> str:
@@ -228,4 +238,8 @@ class GroupedExperts(nn.Module):
             expert_R = torch.repeat_interleave(torch.arange(gate_up.shape[0], device=rows_RH.device),
                                                tokens_per_expert_E, output_size=rows_RH.shape[0])
         gate_RI, up_RI = self._linear(kernel, rows_RH, gate_up, tokens_per_expert_E, expert_R).chunk(2, dim=-1)
-        return self._linear(kernel, self.act_fn(gate_RI) * up_RI, down, tokens_per_expert_E, expert_R)
+        if self.act_fn is None:  # the clamped SwiGLU
+            hidden_RI = clamped_swiglu(gate_RI, up_RI, *self.activation_params)
+        else:
+            hidden_RI = self.act_fn(gate_RI) * up_RI
+        return self._linear(kernel, hidden_RI, down, tokens_per_expert_E, expert_R)

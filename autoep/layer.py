@@ -207,7 +207,8 @@ def build_layer(spec: MoELayerSpec, use_grouped_mm: bool, groups: ExpertParallel
     order = list(original._parameters)
     experts = GroupedExperts(gate_up, down, activation=spec.activation, use_grouped_mm=use_grouped_mm,
                              gate_up_name=spec.gate_up_name, down_name=spec.down_name, hf_config=hf_config,
-                             down_first=order.index(spec.down_name) < order.index(spec.gate_up_name))
+                             down_first=order.index(spec.down_name) < order.index(spec.gate_up_name),
+                             activation_params=spec.activation_params)
     shared = getattr(block, spec.shared_attr) if spec.shared_attr else None
     shared_gate = getattr(block, spec.shared_gate_attr) if spec.shared_gate_attr else None
     layer = AutoEPMoELayer(spec, getattr(block, spec.router_attr), experts, shared, shared_gate,

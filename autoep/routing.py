@@ -42,10 +42,23 @@ class RoutingSpec:
     # What the router exposes in Transformers' `router_logits` slot (aux loss input):
     # raw logits, or softmax probabilities (Mixtral/Qwen on Transformers 5.0-5.2).
     recorded_output: Literal["logits", "probabilities"] = "logits"
+    # The recorded quantity is upcast to float32 (GraniteMoE records `logits.float()`): in bf16 the
+    # aux loss's softmax then runs in float32, as the stock model's does.
+    recorded_float32: bool = False
+    # Softmax after top-k (GraniteMoE, JetMoE, GPT-OSS): the k experts are chosen on the raw
+    # logits and their weights are the softmax over those k logits only. False: the score
+    # function is applied over all experts first and the top-k taken on the scores.
+    softmax_after_topk: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
+        if self.softmax_after_topk and (self.score_func != "softmax" or self.use_correction_bias
+                                        or self.num_groups is not None):
+            raise ValueError(
+                f"softmax_after_topk needs score_func='softmax' without correction bias or groups, got "
+                f"score_func={self.score_func!r}, use_correction_bias={self.use_correction_bias}, "
+                f"num_groups={self.num_groups}")
         if self.num_groups is not None:
             if self.topk_groups is None or self.group_score is None:
                 raise ValueError("group-limited routing needs num_groups, topk_groups and group_score")
@@ -66,6 +79,8 @@ class RoutingSpec:
 
     def describe(self) -> str:
         parts = [f"{self.score_func}", f"top{self.top_k}/{self.num_experts}"]
+        if self.softmax_after_topk:
+            parts = [f"top{self.top_k}/{self.num_experts} on logits", "softmax over the k"]
         if self.use_correction_bias:
             parts.append("bias")
         if self.num_groups:
@@ -101,6 +116,8 @@ def route(
     logits_TE = router_logits(spec, hidden_TH, weight_EH)
     # Scores in float32, or float64 for a float64 model (never below float32).
     score_dtype = torch.promote_types(logits_TE.dtype, torch.float32)
+    if spec.softmax_after_topk:
+        return _route_softmax_after_topk(spec, hidden_TH, logits_TE, score_dtype)
     if spec.score_func == "softmax":
         scores_TE = torch.softmax(logits_TE.to(score_dtype), dim=-1)
     else:
@@ -125,13 +142,34 @@ def route(
         choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
 
     expert_ids_TK = _descending_order(choice_TE)[:, : spec.top_k]
-    weights_TK = scores_TE.gather(1, expert_ids_TK)
+    weights_TK = _finish_weights(spec, scores_TE.gather(1, expert_ids_TK), hidden_TH.dtype)
+
+    recorded_TE = logits_TE if spec.recorded_output == "logits" else scores_TE
+    return _recorded(spec, recorded_TE), weights_TK, expert_ids_TK
+
+
+def _recorded(spec: RoutingSpec, recorded_TE: torch.Tensor) -> torch.Tensor:
+    if spec.recorded_float32:
+        return recorded_TE.to(torch.promote_types(recorded_TE.dtype, torch.float32))
+    return recorded_TE
+
+
+def _finish_weights(spec: RoutingSpec, weights_TK: torch.Tensor, hidden_dtype: torch.dtype) -> torch.Tensor:
     if spec.renormalize:
         weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + spec.renormalize_epsilon)
     if spec.scale != 1.0:
         weights_TK = weights_TK * spec.scale
     if spec.weights_dtype == "hidden":
-        weights_TK = weights_TK.to(hidden_TH.dtype)
+        weights_TK = weights_TK.to(hidden_dtype)
+    return weights_TK
 
-    recorded_TE = logits_TE if spec.recorded_output == "logits" else scores_TE
-    return recorded_TE, weights_TK, expert_ids_TK
+
+def _route_softmax_after_topk(spec: RoutingSpec, hidden_TH: torch.Tensor, logits_TE: torch.Tensor,
+                              score_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k of the raw logits, then the softmax over the k chosen logits."""
+    choice_TE = logits_TE.to(score_dtype)
+    expert_ids_TK = _descending_order(choice_TE)[:, : spec.top_k]
+    weights_TK = torch.softmax(choice_TE.gather(1, expert_ids_TK), dim=-1)
+    weights_TK = _finish_weights(spec, weights_TK, hidden_TH.dtype)
+    recorded_TE = logits_TE if spec.recorded_output == "logits" else torch.softmax(choice_TE, dim=-1)
+    return _recorded(spec, recorded_TE), weights_TK, expert_ids_TK

@@ -150,6 +150,17 @@ class DeepSpeedBuiltinSubject:
     is_peer = True  # its failures are findings (conformance/findings.py)
     optimizer_route = "config"
 
+    def not_applicable_reason(self, cell) -> str | None:
+        """The families DeepSpeed's AutoEP claims are its presets (mixtral, qwen3_moe, qwen3_5_moe,
+        deepseek_v2, deepseek_v3, minimax_m3): every other family of the table is not its job."""
+        from autoep.presets import PRESETS
+        from conformance.models import CASES_BY_ID
+
+        family = PRESETS[CASES_BY_ID[cell.case].preset]
+        if not family.deepspeed_preset:
+            return f"DeepSpeed's AutoEP has no preset for the {family.name} family"
+        return None
+
     def unavailable_reason(self, cell=None) -> str | None:
         try:
             from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer  # noqa: F401

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 
 from packaging.version import Version
 
-from conformance.models import CASES_BY_ID, DEFAULT_CASES, VARIANT_CASES
+from autoep.presets import PRESETS
+from conformance.models import CASES_BY_ID, DEFAULT_CASES, FAMILY_CASES, VARIANT_CASES
 from matrix import profiles
 
 # Transformers versions the matrix covers (matrix/profiles.py says why each); a profile runs a
@@ -30,6 +31,13 @@ TOPOLOGIES = (
     ("none", 1, 1), ("none", 2, 2), ("none", 4, 1), ("none", 4, 2), ("none", 4, 4),
     *((stage, 4, ep) for stage in (0, 1, 2, 3) for ep in (1, 2, 4)),
 )
+# The family cases (conformance/models.py FAMILY_CASES): every case on one process in both dtypes;
+# each family's first case (its default) also on plain-PyTorch EP (world 4, autoep_size 2 and 4),
+# both dtypes: a family's routing switches do not interact with parallelism, as for VARIANT_CASES.
+# Their routing kind goes through ZeRO and checkpoints with the default case of that kind.
+FAMILY_EP_TOPOLOGIES = (("none", 4, 2), ("none", 4, 4))
+FAMILY_DEFAULT_CASES = tuple({(case.preset, case.model_type): case.id
+                              for case in reversed(FAMILY_CASES)}.values())[::-1]
 # Checkpoint cells: ZeRO stage x (source world, autoep_size) -> (target world, autoep_size),
 # float32: 2 steps, save, Universal conversion, 2 steps on the target. The converter does not
 # depend on the routing, so Mixtral runs on every Transformers version and the presets with
@@ -100,6 +108,11 @@ def cells() -> list[Cell]:
         for case in VARIANT_CASES:
             for dtype in DTYPES:
                 result.append(Cell(version, case.id, "none", 1, 1, dtype))
+        for case in FAMILY_CASES:
+            topologies = (("none", 1, 1),) + (FAMILY_EP_TOPOLOGIES if case.id in FAMILY_DEFAULT_CASES else ())
+            for stage, world, ep in topologies:
+                for dtype in DTYPES:
+                    result.append(Cell(version, case.id, stage, world, ep, dtype))
         for case_id, versions in CHECKPOINT_CASES.items():
             if version in versions:
                 for stage in CHECKPOINT_STAGES:
@@ -170,7 +183,10 @@ def _smoke_bf16(cell: Cell) -> bool:
 def _version_sensitive(cell: Cell) -> bool:
     """What a Transformers minor can change, run on every version of the full profile: the
     blocks' numerics in both dtypes, the interop with Transformers' features (compile on
-    Mixtral), the engine's view of every family (ZeRO-2), a Universal resume."""
+    Mixtral), the engine's view of every family (ZeRO-2), a Universal resume. A family of the table
+    beyond the seed's presets: its default case on one process (its variants on the newest only)."""
+    if cell.case in FAMILY_CASE_IDS:
+        return cell.case in FAMILY_DEFAULT_CASES and _one_process(cell)
     if _smoke(cell) or _one_process(cell):
         return True
     if cell.interop is not None:
@@ -187,6 +203,19 @@ DEEP_CASES = ("mixtral", "deepseek_v3")
 PEER_RESUMES = ((2, 4, 2, "w2-ep1"), (1, 2, 2, "w4-ep4"))
 
 
+def routing_kind(case_id: str) -> str:
+    """The routing kind of a case's family row (autoep.presets.base.Routing.kind)."""
+    return PRESETS[CASES_BY_ID[case_id].preset].routing.kind
+
+
+# The family case that represents each routing kind no default case has, on plain-PyTorch EP in
+# the default profile (every family's one-process cells run in every profile).
+KIND_REPRESENTATIVES = tuple(
+    case.id for index, case in enumerate(FAMILY_CASES)
+    if routing_kind(case.id) not in {routing_kind(c.id) for c in DEFAULT_CASES + FAMILY_CASES[:index]})
+FAMILY_CASE_IDS = frozenset(case.id for case in FAMILY_CASES)
+
+
 def _default(cell: Cell) -> bool:
     """The newest version in depth, sized to the README's 12 minutes (measured here: about 8,
     installs included): every case in both dtypes on one process and on EP topologies, Mixtral
@@ -194,6 +223,8 @@ def _default(cell: Cell) -> bool:
     other family under ZeRO-1/2/3 and in one resume, bf16 under ZeRO, every interop family."""
     if _smoke(cell) or _one_process(cell):
         return True
+    if cell.case in FAMILY_CASE_IDS:
+        return cell.case in KIND_REPRESENTATIVES and cell.dtype == "float32" and _is(cell, "none", 4, 2)
     if cell.interop is not None:
         if cell.interop == "compile":  # 6-30 s each: Mixtral in both dtypes (every family in full)
             return cell.case == "mixtral"
@@ -232,7 +263,7 @@ def in_profile(cell: Cell, profile: str, peer: bool = False) -> bool:
     if cell.transformers not in profiles.versions(profile):
         return False
     if Version(cell.transformers).major < 5:  # a rejection does not depend on the topology
-        return _one_process(cell)
+        return _one_process(cell) and (cell.case not in FAMILY_CASE_IDS or cell.case in FAMILY_DEFAULT_CASES)
     if profile == "smoke":
         return _smoke(cell)
     if profile == "default":

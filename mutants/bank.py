@@ -21,24 +21,36 @@ import torch
 import torch.nn.functional as F
 
 import autoep
-from conformance.models import CASES_BY_ID
+from autoep.presets import PRESETS
+from conformance.models import CASES_BY_ID, make_config
 from conformance.subjects import AutoEPSubject
 
 # ---------------------------------------------------------------------------------------------
 # Where a bug can be active: predicates over matrix.cells.Cell.
 
 
-def _kwargs(cell) -> dict:
-    return CASES_BY_ID[cell.case].kwargs
+@functools.lru_cache(maxsize=None)
+def _case_routing(case_id: str):
+    """The RoutingSpec a case's family row builds from its config (expert count, top-k, scale ...)."""
+    case = CASES_BY_ID[case_id]
+    family = PRESETS[case.preset]
+    config = make_config(case)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_experts = next(getattr(config, f) for f in family.num_experts_fields if getattr(config, f, None) is not None)
+    return family.routing(config, num_experts, getattr(config, family.top_k_field))
 
 
 def _top_k(cell) -> int:
-    return _kwargs(cell)["num_experts_per_tok"]
+    return _case_routing(cell.case).top_k
 
 
 def _num_experts(cell) -> int:
-    kwargs = _kwargs(cell)
-    return next(kwargs[key] for key in ("num_local_experts", "num_experts", "n_routed_experts") if key in kwargs)
+    return _case_routing(cell.case).num_experts
+
+
+def _renormalize_from_config(cell) -> bool:
+    """The family decides renormalisation by a config flag (norm_topk_prob)."""
+    return isinstance(PRESETS[CASES_BY_ID[cell.case].preset].routing.renormalize, str)
 
 
 def equivalence_cell(cell) -> bool:
@@ -270,7 +282,7 @@ class RoutedScalingNotApplied(Mutant):
     source = "classic EP mistake (DeepSeek routed_scaling_factor)"
 
     def active(self, cell):
-        return equivalence_cell(cell) and _kwargs(cell).get("routed_scaling_factor", 1.0) != 1.0
+        return equivalence_cell(cell) and _case_routing(cell.case).scale != 1.0
 
     def plant_model(self, model):
         _change_routing(model, scale=1.0)
@@ -282,7 +294,7 @@ class NormTopkPolarity(Mutant):
     source = "classic EP mistake (Qwen/DeepSeek norm_topk_prob)"
 
     def active(self, cell):
-        return equivalence_cell(cell) and "norm_topk_prob" in _kwargs(cell)
+        return equivalence_cell(cell) and _renormalize_from_config(cell)
 
     def plant_model(self, model):
         for router in _routers(model):

@@ -32,6 +32,8 @@ class BlockLayout:
     shared_gate_attr: str | None
     activation: str = "silu"  # the routed experts' activation (reference.moe.ACTIVATION_FORMULAS)
     shared_activation: str | None = "silu"
+    activation_params: tuple[float, ...] = ()
+    shared_activation_params: tuple[float, ...] = ()
 
 
 def block_weights(block: nn.Module, layout: BlockLayout) -> BlockWeights:
@@ -46,11 +48,18 @@ def block_weights(block: nn.Module, layout: BlockLayout) -> BlockWeights:
         correction_bias_E=router.e_score_correction_bias if layout.routing.use_correction_bias else None,
         activation=layout.activation,
         shared_activation=layout.shared_activation,
+        activation_params=layout.activation_params,
+        shared_activation_params=layout.shared_activation_params,
     )
     if layout.shared_attr is not None:
         shared = getattr(block, layout.shared_attr)
-        weights.shared_gate_IH = shared.gate_proj.weight
-        weights.shared_up_IH = shared.up_proj.weight
+        if getattr(shared, "gate_proj", None) is None:  # one Linear(H, 2I): gate rows, then up rows
+            gate_up = shared.gate_up_proj.weight
+            half = gate_up.shape[0] // 2
+            weights.shared_gate_IH, weights.shared_up_IH = gate_up[:half], gate_up[half:]
+        else:
+            weights.shared_gate_IH = shared.gate_proj.weight
+            weights.shared_up_IH = shared.up_proj.weight
         weights.shared_down_HI = shared.down_proj.weight
         if layout.shared_gate_attr is not None:
             weights.shared_gate_vector_H = getattr(block, layout.shared_gate_attr).weight[0]

@@ -42,6 +42,8 @@ def _ranked(values: list[float], candidates: list[int]) -> list[int]:
 def route_token(spec: RoutingSpec, logits_E: torch.Tensor, correction_bias: list[float] | None,
                 weights_dtype: torch.dtype) -> TokenRoute:
     """Route one token from its router logits."""
+    if spec.softmax_after_topk:
+        return _route_token_softmax_after_topk(spec, logits_E, weights_dtype)
     scores_E = _softmax(logits_E) if spec.score_func == "softmax" else _sigmoid(logits_E)
     score_values = [float(score) for score in scores_E.detach()]
     choice = list(score_values)
@@ -59,7 +61,23 @@ def route_token(spec: RoutingSpec, logits_E: torch.Tensor, correction_bias: list
         allowed = [e for e in allowed if e // group_size in kept_groups]
 
     chosen = _ranked(choice, allowed)[: spec.top_k]
-    weights = [scores_E[e] for e in chosen]
+    return TokenRoute(chosen, _final_weights(spec, [scores_E[e] for e in chosen], weights_dtype))
+
+
+def _route_token_softmax_after_topk(spec: RoutingSpec, logits_E: torch.Tensor,
+                                    weights_dtype: torch.dtype) -> TokenRoute:
+    """The k largest raw logits are chosen; their weights are the softmax of those k logits alone:
+    w_i = exp(l_i) / sum over the chosen j of exp(l_j)."""
+    logit_values = [float(logit) for logit in logits_E.detach()]
+    chosen = _ranked(logit_values, list(range(spec.num_experts)))[: spec.top_k]
+    chosen_logits = torch.stack([logits_E[e] for e in chosen])
+    weights = list(_softmax(chosen_logits))
+    return TokenRoute(chosen, _final_weights(spec, weights, weights_dtype))
+
+
+def _final_weights(spec: RoutingSpec, weights: list[torch.Tensor], weights_dtype: torch.dtype) -> list[torch.Tensor]:
+    """Renormalisation (+ epsilon), the routed scale, and the rounding to the hidden dtype."""
+    compute_dtype = weights[0].dtype
     if spec.renormalize:
         total = weights[0]
         for weight in weights[1:]:
@@ -68,8 +86,8 @@ def route_token(spec: RoutingSpec, logits_E: torch.Tensor, correction_bias: list
         weights = [weight / total for weight in weights]
     weights = [weight * spec.scale for weight in weights]
     if spec.weights_dtype == "hidden":
-        weights = [weight.to(weights_dtype).to(scores_E.dtype) for weight in weights]
-    return TokenRoute(chosen, weights)
+        weights = [weight.to(weights_dtype).to(compute_dtype) for weight in weights]
+    return weights
 
 
 def _relu(x: torch.Tensor) -> torch.Tensor:
@@ -123,9 +141,32 @@ def activation_formula(name: str | None):
     return ACTIVATION_FORMULAS[name]
 
 
+def _clamped_swiglu(gate_I: torch.Tensor, up_I: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """GPT-OSS's gated unit: the gate capped above at +limit, the up part clipped to [-limit, limit]
+    and shifted by one: (u + 1) * g * sigmoid(alpha * g)."""
+    g = torch.where(gate_I > limit, torch.full_like(gate_I, limit), gate_I)
+    u = torch.where(up_I > limit, torch.full_like(up_I, limit), up_I)
+    u = torch.where(u < -limit, torch.full_like(u, -limit), u)
+    return (u + 1.0) * (g * _sigmoid(alpha * g))
+
+
+# Gated units with parameters, by name: (gate, up, *params) -> hidden.
+GATED_FORMULAS = {"swiglu_clamped": _clamped_swiglu}
+
+
 def _swiglu(x_H: torch.Tensor, gate_IH: torch.Tensor, up_IH: torch.Tensor, down_HI: torch.Tensor,
-            activation: str = "silu") -> torch.Tensor:
-    """down(act(gate x) * up x): SwiGLU for silu, GeGLU for gelu, ..."""
+            activation: str = "silu", params: tuple[float, ...] = (), model_dtype: torch.dtype | None = None
+            ) -> torch.Tensor:
+    """down(act(gate x) * up x): SwiGLU for silu, GeGLU for gelu, ...; or down(unit(gate x, up x,
+    *params)) for a gated unit of GATED_FORMULAS. ``model_dtype``: the dtype the experts' gate/up
+    projection emits; a gated unit's clamps act on those rounded values (the clamp's derivative
+    jumps at +-limit, where a value computed in float32 and its bfloat16 rounding can fall on
+    either side)."""
+    if activation in GATED_FORMULAS:
+        gate_I, up_I = gate_IH @ x_H, up_IH @ x_H
+        if model_dtype is not None and model_dtype != gate_I.dtype:
+            gate_I, up_I = gate_I.to(model_dtype).to(gate_I.dtype), up_I.to(model_dtype).to(up_I.dtype)
+        return down_HI @ GATED_FORMULAS[activation](gate_I, up_I, *params)
     return down_HI @ (activation_formula(activation)(gate_IH @ x_H) * (up_IH @ x_H))
 
 
@@ -143,6 +184,8 @@ class BlockWeights:
     shared_gate_vector_H: torch.Tensor | None = None  # sigmoid-gated shared expert
     activation: str = "silu"               # the routed experts' (a name in ACTIVATION_FORMULAS)
     shared_activation: str | None = "silu"  # the shared expert's
+    activation_params: tuple[float, ...] = ()         # (alpha, limit) of "swiglu_clamped"
+    shared_activation_params: tuple[float, ...] = ()
 
 
 def reference_block(spec: RoutingSpec, weights: BlockWeights, hidden_TH: torch.Tensor,
@@ -166,14 +209,15 @@ def reference_block(spec: RoutingSpec, weights: BlockWeights, hidden_TH: torch.T
         for expert, weight in zip(route.experts, route.weights):
             gate_up = weights.gate_up_E2IH[expert].to(compute)
             y_H = _swiglu(x_H, gate_up[:intermediate], gate_up[intermediate:], weights.down_EHI[expert].to(compute),
-                          weights.activation)
+                          weights.activation, weights.activation_params, model_dtype)
             if model_dtype != compute:
                 y_H = y_H.to(model_dtype).to(compute)  # experts emit the model dtype
             out_H = out_H + weight * y_H
         out_H = out_H.to(model_dtype).to(compute)
         if weights.shared_gate_IH is not None:
             shared_H = _swiglu(x_H, weights.shared_gate_IH.to(compute), weights.shared_up_IH.to(compute),
-                               weights.shared_down_HI.to(compute), weights.shared_activation)
+                               weights.shared_down_HI.to(compute), weights.shared_activation,
+                               weights.shared_activation_params, model_dtype)
             if weights.shared_gate_vector_H is not None:
                 shared_H = _sigmoid(weights.shared_gate_vector_H.to(compute) @ x_H) * shared_H
             out_H = out_H + shared_H

@@ -1,6 +1,7 @@
 """Property tests: the fast router (autoep.routing) against the reference router, on logits
 with ties, single tokens, one dominant expert and empty experts."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -89,3 +90,61 @@ def test_all_tokens_to_one_expert_and_single_token():
     single = layer(x[:, :1])
     torch.testing.assert_close(single[0, 0], expected[0], rtol=1e-5, atol=1e-6)
     assert layer(x[:, :0]).shape == (1, 0, 32)
+
+
+@st.composite
+def softmax_after_topk_cases(draw):
+    num_experts = draw(st.integers(1, 9))
+    spec = RoutingSpec(num_experts=num_experts, top_k=draw(st.integers(1, num_experts)), softmax_after_topk=True,
+                       renormalize=draw(st.booleans()), scale=draw(st.sampled_from([1.0, 2.5])),
+                       weights_dtype=draw(st.sampled_from(["float32", "hidden"])))
+    num_tokens = draw(st.integers(1, 12))
+    logits = draw(st.lists(st.lists(st.integers(-3, 3), min_size=num_experts, max_size=num_experts),
+                           min_size=num_tokens, max_size=num_tokens))
+    return spec, torch.tensor(logits, dtype=torch.float64)
+
+
+@settings(max_examples=200, deadline=None)
+@given(softmax_after_topk_cases())
+def test_softmax_after_topk_matches_reference_including_ties(case):
+    """Top-k on the raw logits, weights = softmax over the k chosen logits (not the top-k of a
+    softmax over all experts, whose weights do not sum to 1 without renormalisation)."""
+    spec, logits_TE = case
+    _, weights_TK, ids_TK = route(spec, logits_TE, torch.eye(spec.num_experts, dtype=torch.float64))
+    for token in range(logits_TE.shape[0]):
+        expected = route_token(spec, logits_TE[token], None, torch.float64)
+        assert ids_TK[token].tolist() == expected.experts
+        torch.testing.assert_close(weights_TK[token].double(), torch.stack(expected.weights).double(),
+                                   rtol=1e-6, atol=1e-7)
+        # the softmax over the k chosen sums to 1 (times the scale) whatever `renormalize` says
+        assert abs(float(weights_TK[token].sum()) - spec.scale) < 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_after_topk_matches_transformers_granitemoe_router(dtype):
+    """The field against a Transformers router that takes the softmax after the top-k
+    (GraniteMoeTopKRouter: float32 softmax of the k chosen logits, weights in the hidden dtype)."""
+    from transformers.models.granitemoe.configuration_granitemoe import GraniteMoeConfig
+    from transformers.models.granitemoe.modeling_granitemoe import GraniteMoeTopKRouter
+
+    config = GraniteMoeConfig(hidden_size=32, num_local_experts=6, num_experts_per_tok=3)
+    router = GraniteMoeTopKRouter(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(router.weight.shape, generator=generator) / 32 ** 0.5)
+    router = router.to(dtype)
+    hidden_TH = torch.randn(40, 32, generator=generator).to(dtype)
+    stock_logits, stock_weights, stock_ids = router(hidden_TH)
+    spec = RoutingSpec(num_experts=6, top_k=3, softmax_after_topk=True, weights_dtype="hidden")
+    logits, weights, ids = route(spec, hidden_TH, router.weight)
+    torch.testing.assert_close(logits.float(), stock_logits.float(), rtol=0, atol=0)
+    assert torch.equal(ids, stock_ids)
+    assert weights.dtype == stock_weights.dtype == dtype
+    torch.testing.assert_close(weights, stock_weights, rtol=0, atol=0)
+
+
+def test_softmax_after_topk_refuses_what_it_does_not_describe():
+    with pytest.raises(ValueError, match="softmax_after_topk needs score_func='softmax'"):
+        RoutingSpec(num_experts=4, top_k=2, score_func="sigmoid", softmax_after_topk=True)
+    with pytest.raises(ValueError, match="softmax_after_topk needs"):
+        RoutingSpec(num_experts=4, top_k=2, softmax_after_topk=True, use_correction_bias=True)

@@ -1,14 +1,18 @@
-"""Built-in presets, by name and by ``model.config.model_type``."""
+"""The family table (autoep/presets/table.py), by preset name and by ``model.config.model_type``."""
 
-from autoep.presets import deepseek_v2, deepseek_v3, mixtral, qwen3_5_moe, qwen3_moe
-from autoep.presets.base import Preset
+from autoep.presets.base import Family, Preset, Refusal, Routing
+from autoep.presets.table import ALIASES, FAMILIES, REFUSED
 
-PRESETS: dict[str, Preset] = {
-    module.PRESET.name: module.PRESET for module in (mixtral, qwen3_moe, qwen3_5_moe, deepseek_v2, deepseek_v3)
-}
+PRESETS: dict[str, Preset] = {family.name: family for family in FAMILIES}
+PRESETS.update({alias: PRESETS[target] for alias, target in ALIASES.items()})
 
 MODEL_TYPE_TO_PRESET: dict[str, str] = {
-    model_type: preset.name for preset in PRESETS.values() for model_type in preset.block_classes
+    model_type: family.name for family in FAMILIES for model_type in family.block_classes
 }
 
-__all__ = ["PRESETS", "MODEL_TYPE_TO_PRESET", "Preset"]
+REFUSED_MODEL_TYPES: dict[str, Refusal] = {
+    model_type: refusal for refusal in REFUSED for model_type in refusal.model_types
+}
+
+__all__ = ["PRESETS", "MODEL_TYPE_TO_PRESET", "REFUSED_MODEL_TYPES", "FAMILIES", "REFUSED", "Family", "Preset",
+           "Refusal", "Routing"]
