@@ -1,11 +1,14 @@
 """nox sessions. Every install is pinned; torch==2.13.0 resolves to the local CPU build.
 
     nox -s conformance   the default matrix profile, one session per Transformers version of the
-                         profile (`-- --profile smoke|default|full`; matrix/profiles.py)
+                         profile (`-- --profile smoke|default|full`; matrix/profiles.py;
+                         `-- --device cuda`: on the visible GPUs, one per rank, NCCL)
     nox -s tests         the unit tests (newest pinned Transformers)
     nox -s findings      each DeepSpeed finding reproduced on every 5.x version of the full profile
     nox -s titan         TorchTitan's MoE replacement as a subject (opt-in; its own pinned dependencies)
     nox -s bench         the MoE layer benchmark (`-- --quick` for a smoke run, `-- --out FILE`)
+    nox -s gpu           the GPU path (benchmarks/gpu.py; `-- --quick`, `-- --out DIR`); without CUDA it
+                         says so in one line and exits 0
     nox -s mutants       the mutant bank: every planted bug must be killed by the suite (kill table,
                          mutants-report.json; `-- --profile P`, `-- --mutant ID`, `-- --cells 0`)
 """
@@ -54,16 +57,29 @@ def _profile(posargs) -> tuple[str, list[str]]:
     return profile, args
 
 
+def _device(args) -> str:
+    """``--device NAME`` (or ``--device=NAME``) among the arguments passed on to the conformance run."""
+    for i, arg in enumerate(args):
+        if arg == "--device" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--device="):
+            return arg.split("=", 1)[1]
+    return "cpu"
+
+
 @nox.session(python="3.11")
 @nox.parametrize("transformers", FULL_VERSIONS)
 def conformance(session, transformers):
-    """Run the profile's cells for one Transformers version and rebuild the profile's report."""
+    """Run the profile's cells for one Transformers version and rebuild the profile's report
+    (`-- --device cuda`: the cells that fit the visible GPUs, on CUDA with NCCL)."""
     profile, args = _profile(session.posargs)
     if transformers not in versions(profile):
         session.skip(f"Transformers {transformers} is not in profile {profile!r} (`-- --profile full` runs it)")
     _install(session, transformers)
     session.install(TORCH, MATPLOTLIB)
     session.env["PYTHONPATH"] = "."
+    if _device(args) == "cuda":  # DeepSpeed's accelerator here; the launcher sets every rank's from the device
+        session.env["DS_ACCELERATOR"] = "cuda"
     session.run("python", "-m", "conformance", "run", "--profile", profile, *args)
     # DeepSpeed's built-in AutoEP on its cells of the profile: findings about that peer (the exit
     # status depends on the autoep subject only).
@@ -109,6 +125,16 @@ def bench(session):
     _install(session, NEWEST)
     session.env["PYTHONPATH"] = "."
     session.run("python", "-m", "benchmarks.moe_layer", *session.posargs)
+
+
+@nox.session(python="3.11")
+def gpu(session):
+    """The GPU path (benchmarks/gpu.py): one-process conformance cells on CUDA, grouped_mm vs mm, the
+    layer's tokens/s, TFLOPS against the device's peak, peak memory and device-to-host syncs per step.
+    On a CUDA machine torch==2.13.0 resolves to its CUDA build; without CUDA the module exits 0."""
+    _install(session, NEWEST)
+    session.env["PYTHONPATH"] = "."
+    session.run("python", "-m", "benchmarks.gpu", *session.posargs)
 
 
 @nox.session(python="3.11")

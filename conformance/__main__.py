@@ -1,8 +1,11 @@
-"""python -m conformance run|report [--profile smoke|default|full] [--subject NAME] [--case TEXT]
+"""python -m conformance run|report [--profile smoke|default|full] [--subject NAME] [--case TEXT] [--device cpu|cuda]
 
 run     run the cells of the profile (matrix/profiles.py, matrix.cells.in_profile) on the installed
         Transformers version, one progress line per finished cell; write
-        conformance-report/<profile>/<version>-<subject>.json, then rebuild the merged report
+        conformance-report/<profile>/<version>-<subject>.json, then rebuild the merged report.
+        --device cuda: the subject runs on CUDA (one GPU per rank, NCCL) against the CPU reference;
+        cells needing more GPUs than are visible (and interop cells) are recorded "skipped" with
+        the reason; the part is <version>-<subject>-cuda.json and the report names the device
 report  rebuild the profile's report from its parts: conformance-report.json, .md (grid, findings
         table, mutant kill rate from mutants-report.json when present), .xml (JUnit) and
         conformance-report-<subject>.png (heat-map per subject)
@@ -30,6 +33,8 @@ def main(argv=None) -> int:
     parser.add_argument("--case", default=None, help="only cells whose case id contains this text")
     parser.add_argument("--profile", choices=PROFILES, default=DEFAULT_PROFILE)
     parser.add_argument("--out", default=".", help="folder for conformance-report*")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the subject runs (cuda: one GPU per rank, NCCL; default cpu)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     parts = out / "conformance-report" / args.profile
@@ -47,6 +52,7 @@ def main(argv=None) -> int:
             return 2
         from autoep import launch
         from conformance.runner import run_matrix
+        from conformance.tolerances import set_cuda_numerics
 
         warnings.filterwarnings("ignore")
         logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -55,13 +61,16 @@ def main(argv=None) -> int:
             print(f"conformance: Transformers {version} is not in profile {args.profile!r} "
                   f"({', '.join(versions(args.profile))}); nothing to run", file=sys.stderr)
             return 2
+        if args.device == "cuda":
+            set_cuda_numerics()  # also in every rank; what the CUDA tolerances assume
         started = time.perf_counter()
         try:
-            records = run_matrix(version, args.subject, args.case, args.profile)
+            records = run_matrix(version, args.subject, args.case, args.profile, device=args.device)
         finally:
             launch.close_shared_pools()
-        report.write_part(parts / f"{version}-{args.subject}.json", records, args.profile,
-                          time.perf_counter() - started)
+        suffix = "" if args.device == "cpu" else f"-{args.device}"
+        report.write_part(parts / f"{version}-{args.subject}{suffix}.json", records, args.profile,
+                          time.perf_counter() - started, device=args.device)
     records = report.write(parts, out, args.profile)
     failed = [r for r in records if r["subject"] == "autoep" and r["status"] == "fail"]
     print(f"conformance: {len(records)} cells in the {args.profile} report, {len(failed)} autoep failures "

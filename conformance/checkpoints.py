@@ -15,7 +15,7 @@ import io
 import torch
 
 from conformance.models import CASES_BY_ID
-from conformance.training import TrainingSetup, build_engine, process_globals_restored, train_steps
+from conformance.training import TrainingSetup, build_engine, on_cpu, process_globals_restored, train_steps
 
 LOAD_MODES = {
     "full": {},
@@ -97,12 +97,14 @@ def round_trip_on_rank(case_id: str, setup: TrainingSetup, dtype_name: str, fold
 
 
 def resume_elsewhere(case_id: str, zero_stage: int, source: tuple[int, int], target: tuple[int, int], folder: str,
-                     steps_before: int = 2, steps_after: int = 2, subject_name: str = "autoep") -> list:
+                     steps_before: int = 2, steps_after: int = 2, subject_name: str = "autoep",
+                     device: str = "cpu") -> list:
     """Train ``steps_before`` steps at ``source`` (world, autoep_size), save, convert to a
     Universal Checkpoint (with the subject's converter), resume at ``target`` for ``steps_after`` steps. The per-step losses
     and the final parameters must equal a single-process AdamW run of the original model on
     the same global batches (4 micro-batches per step at both ends: world x gradient
-    accumulation = 4, so the objective is the same)."""
+    accumulation = 4, so the objective is the same). ``device="cuda"``: the engines run one GPU per
+    rank (the reference on the CPU)."""
     import os
 
     from autoep import launch
@@ -121,9 +123,9 @@ def resume_elsewhere(case_id: str, zero_stage: int, source: tuple[int, int], tar
     batches = global_batches(case.build().config.get_text_config().vocab_size, source[0], setups["source"])
     saved, universal = os.path.join(folder, "saved"), os.path.join(folder, "universal")
     first = launch.run(source[0], train_on_rank, case_id, subject_name, "float32", 0,
-                       dataclasses.replace(setups["source"], steps=steps_before), batches, save_to=saved)
+                       dataclasses.replace(setups["source"], steps=steps_before), batches, save_to=saved, device=device)
     reloaded = launch.run(source[0], reload_on_rank, case_id, subject_name,
-                          dataclasses.replace(setups["source"], steps=steps_before), saved)
+                          dataclasses.replace(setups["source"], steps=steps_before), saved, device=device)
     converter_log = io.StringIO()  # DeepSpeed's converter prints its stages; kept for a failure
     try:
         with contextlib.redirect_stdout(converter_log):
@@ -132,12 +134,12 @@ def resume_elsewhere(case_id: str, zero_stage: int, source: tuple[int, int], tar
         raise RuntimeError(f"{subject_name} Universal conversion failed; its output:\n{converter_log.getvalue()[-2000:]}") \
             from error
     second = launch.run(target[0], train_on_rank, case_id, subject_name, "float32", 0, setups["target"], batches,
-                        first_step=steps_before, load_universal=universal)
+                        first_step=steps_before, load_universal=universal, device=device)
     losses = torch.tensor([result["losses"] for result in first]).mean(dim=0).tolist() + \
         torch.tensor([result["losses"] for result in second]).mean(dim=0).tolist()
     want = reference_training(case, torch.float32, 0, TrainingSetup(zero_stage, 1, steps=total), micro_batches,
                               batches)
-    tol = tolerance(torch.float32, "multi")
+    tol = tolerance(torch.float32, "multi", device)
     got = assemble(second)
     return [compare("per-step loss", torch.tensor(losses), want["losses"], tol)] + \
         [compare(f"param {name}", got[name], value, tol) for name, value in want["params"].items()] + \
@@ -152,16 +154,19 @@ def reload_on_rank(case_id: str, subject_name: str, setup: TrainingSetup, folder
     parameters as :func:`conformance.training.train_on_rank` does."""
     import os
 
+    from conformance.parallel import rank_device
     from conformance.subjects import subject_by_name
 
     subject = subject_by_name(subject_name)
+    rank_device()  # on CUDA: the math settings the tolerances assume
     with process_globals_restored():
         engine = build_engine(case_id, subject_name, "float32", 1, setup)
         path, _ = engine.load_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder),
                                          **LOAD_MODES["no_optimizer_states"])
         if path is None:
             raise RuntimeError(f"nothing was loaded from {folder}")
-        return {"params": subject.full_parameters(engine), "expert_shards": subject.expert_shards(engine.module)}
+        return {"params": on_cpu(subject.full_parameters(engine)),
+                "expert_shards": subject.expert_shards(engine.module)}
 
 
 def reload_checks(reloaded: dict, saved: dict) -> list:

@@ -13,7 +13,7 @@ import autoep
 from autoep.routing import router_logits
 from conformance.models import ModelCase
 from conformance.subjects import Subject
-from conformance.tolerances import Comparison, Tolerance, compare, tolerance
+from conformance.tolerances import Comparison, Tolerance, compare, set_cuda_numerics, tolerance
 from reference.model import BlockLayout, ReferenceModel, block_weights
 from reference.moe import decision_margin, reference_block
 
@@ -61,7 +61,8 @@ class EquivalenceResult:
 
 def layouts(specs: list[autoep.MoELayerSpec]) -> list[BlockLayout]:
     return [BlockLayout(s.name, s.routing, s.router_attr, s.experts_attr, s.gate_up_name, s.down_name,
-                        s.shared_attr, s.shared_gate_attr, s.activation, s.shared_activation) for s in specs]
+                        s.shared_attr, s.shared_gate_attr, s.activation, s.shared_activation,
+                        s.activation_params, s.shared_activation_params) for s in specs]
 
 
 def batch(vocab_size: int, seed: int, shape: tuple[int, int] = (2, 8)) -> torch.Tensor:
@@ -92,6 +93,7 @@ def min_margin(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
     ReferenceModel, whose blocks record their logits, or a model holding AutoEP layers, whose
     router inputs are captured: they are exactly what the routing decides on)."""
     margins: list[float] = []
+    input_ids = input_ids.to(_device_of(model))
     with torch.no_grad():
         if isinstance(model, ReferenceModel):
             model(input_ids=input_ids)
@@ -113,6 +115,11 @@ def min_margin(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
             logits_TE = router_logits(layer.routing, hidden.reshape(-1, hidden.shape[-1]), router.weight)
             margins += _margins(layer.routing, logits_TE, _correction_bias(router, layer.routing))
     return min(margins)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    """Where ``model`` (a Transformers model, or a ReferenceModel) holds its parameters."""
+    return next((model.model if isinstance(model, ReferenceModel) else model).parameters()).device
 
 
 def tie_free_batch(models: list[torch.nn.Module], vocab: int, dtype_name: str, seed: int, tries: int = 200,
@@ -137,6 +144,7 @@ def _run(model, input_ids, reference: bool = False, micro_batches: int = 1) -> R
     parameter dtype: the arithmetic of :func:`conformance.parallel.reduce_like_an_engine`,
     so a bf16 single-process baseline rounds like the multi-process subject it bounds."""
     named = list(model.model.named_parameters() if reference else model.named_parameters())
+    input_ids = input_ids.to(named[0][1].device)  # results come back on the CPU, wherever the model ran
     sums: dict[str, torch.Tensor] = {}
     logits, losses, auxes = [], [], []
     for micro_ids in input_ids.chunk(micro_batches):
@@ -155,12 +163,12 @@ def _run(model, input_ids, reference: bool = False, micro_batches: int = 1) -> R
         losses.append(loss.detach())
         auxes.append(None if aux is None else aux.detach().reshape(1))
     dtypes = {name: param.dtype for name, param in named}
-    grads = {name: (total / micro_batches).to(dtypes[name]) for name, total in sums.items()}
+    grads = {name: (total / micro_batches).to(dtypes[name]).cpu() for name, total in sums.items()}
     # A subject that renames parameters (TorchTitan) carries the mapping back to the Transformers names.
     if (rename := getattr(model, "conformance_transformers_names", None)) is not None:
         grads = rename(grads)
-    aux_loss = None if auxes[0] is None else torch.cat(auxes)
-    return RunOutput(torch.cat(logits), torch.stack(losses).mean(), aux_loss, grads)
+    aux_loss = None if auxes[0] is None else torch.cat(auxes).cpu()
+    return RunOutput(torch.cat(logits).cpu(), torch.stack(losses).mean().cpu(), aux_loss, grads)
 
 
 def _compare_runs(a: RunOutput, b: RunOutput, tol: Tolerance, with_aux: bool,
@@ -196,16 +204,22 @@ def _compare_runs(a: RunOutput, b: RunOutput, tol: Tolerance, with_aux: bool,
 
 
 def model_equivalence(case: ModelCase, subject: Subject, dtype: torch.dtype = torch.float32, seed: int = 0,
-                      block: dict | None = None, world_size: int | None = None, autoep_size: int = 1
-                      ) -> EquivalenceResult:
+                      block: dict | None = None, world_size: int | None = None, autoep_size: int = 1,
+                      device: str = "cpu") -> EquivalenceResult:
     """Subject vs reference vs original Transformers model on one global batch.
 
     ``world_size=None`` runs the subject in this process. Otherwise it runs on ``world_size``
     rank processes (:mod:`conformance.parallel`), each on its own micro-batch of the global
     batch, with ``autoep_size``; gradients are reduced as an engine would, and everything is
     compared with the single-process reference of the same data-parallel objective.
+
+    ``device="cuda"``: the subject and the original model run on CUDA (in this process on
+    ``cuda``, on rank processes each on its own GPU), the reference stays on the CPU; CUDA
+    tolerances (conformance/tolerances.py CUDA_TOLERANCES).
     """
-    tol = tolerance(dtype, "single" if world_size is None else "multi")
+    if device == "cuda":
+        set_cuda_numerics()
+    tol = tolerance(dtype, "single" if world_size is None else "multi", device)
     original = case.build(seed=seed, dtype=dtype)
     result = EquivalenceResult(case.id, str(dtype).replace("torch.", ""), tol)
     specs = autoep.inspect(original, block)
@@ -215,6 +229,7 @@ def model_equivalence(case: ModelCase, subject: Subject, dtype: torch.dtype = to
     oracle_source = original if dtype == torch.float32 else copy.deepcopy(original).float()
     reference = ReferenceModel(oracle_source, layouts(specs), compute_dtype=torch.float64,
                                with_aux_loss=case.has_aux_loss)
+    original.to(device)  # (in place: the specs keep pointing at its blocks); the reference was copied
     replaced = subject.apply(copy.deepcopy(original), dict(block or {}))
     margin_checks = [reference]
     if autoep.replaced_layers(replaced):
@@ -234,7 +249,7 @@ def model_equivalence(case: ModelCase, subject: Subject, dtype: torch.dtype = to
         from conformance.parallel import run_subject_on_ranks
 
         subject_run = run_subject_on_ranks(case, subject, dtype, seed, dict(block or {}), input_ids, world_size,
-                                           autoep_size)
+                                           autoep_size, device)
     reference_run = _run(reference, input_ids, reference=True, micro_batches=micro_batches)
     try:
         original_run = _run(original, input_ids, micro_batches=micro_batches)
@@ -267,14 +282,18 @@ def model_equivalence(case: ModelCase, subject: Subject, dtype: torch.dtype = to
 
 
 def block_equivalence(case: ModelCase, subject: Subject, dtype: torch.dtype = torch.float32, seed: int = 0,
-                      num_tokens: int = 24) -> list[EquivalenceResult]:
-    """Each MoE block on its own: output and input gradient, original vs subject vs reference."""
-    tol = tolerance(dtype, "single")
+                      num_tokens: int = 24, device: str = "cpu") -> list[EquivalenceResult]:
+    """Each MoE block on its own: output and input gradient, original vs subject vs reference
+    (``device``: where the subject and the original run; the reference runs on the CPU)."""
+    if device == "cuda":
+        set_cuda_numerics()
+    tol = tolerance(dtype, "single", device)
     # One block from the same bf16 input: no baseline run, the plain relative-L2 bound applies.
     block_tol = tol if tol.baseline_factor is None else Tolerance(tol.rtol, tol.atol, tol.why, "norm")
     original = case.build(seed=seed, dtype=dtype)
     specs = autoep.inspect(original)
-    replaced = subject.apply(copy.deepcopy(original), {})
+    replaced = subject.apply(copy.deepcopy(original).to(device), {})
+    on_device = original if device == "cpu" else copy.deepcopy(original).to(device)  # the reference reads original
     results = []
     generator = torch.Generator().manual_seed(seed + 11)
     for spec in specs:
@@ -294,8 +313,8 @@ def block_equivalence(case: ModelCase, subject: Subject, dtype: torch.dtype = to
         upstream = torch.randn(1, num_tokens, spec.hidden_size, generator=generator).to(dtype)
         outputs = {}
         for label, module in (("subject", replaced.get_submodule(spec.name)),
-                              ("original", original.get_submodule(spec.name)), ("reference", None)):
-            x = hidden.clone().requires_grad_(True)
+                              ("original", on_device.get_submodule(spec.name)), ("reference", None)):
+            x = hidden.to("cpu" if module is None else device).clone().requires_grad_(True)
             if module is None:
                 out_TH, _, _ = reference_block(spec.routing, block_weights(original.get_submodule(spec.name), layouts([spec])[0]),
                                                x.reshape(num_tokens, -1), compute_dtype=torch.float64)
@@ -310,8 +329,8 @@ def block_equivalence(case: ModelCase, subject: Subject, dtype: torch.dtype = to
                     # (5.0-5.2 DeepSeek-V2 group_limited_greedy)
                     result.findings.append(f"original block raised {type(error).__name__}: {error}")
                     continue
-            (out.float() * upstream.float()).sum().backward()
-            outputs[label] = (out.detach(), x.grad.detach())
+            (out.float() * upstream.to(out.device).float()).sum().backward()
+            outputs[label] = (out.detach().cpu(), x.grad.detach().cpu())
         for pair in (("subject", "reference"), ("subject", "original"), ("original", "reference")):
             if pair[0] not in outputs or pair[1] not in outputs:
                 continue

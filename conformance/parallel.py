@@ -15,10 +15,23 @@ the gradient of the global-batch mean loss, whatever ``autoep_size`` is.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from autoep import launch
 from conformance.models import CASES_BY_ID, ModelCase
+
+
+def rank_device() -> torch.device:
+    """This rank process's device: ``cuda:r`` in a CUDA pool (the launcher made it current and set
+    AUTOEP_DEVICE), with the CUDA math settings the tolerances assume; else the CPU."""
+    if os.environ.get("AUTOEP_DEVICE") == "cuda":
+        from conformance.tolerances import set_cuda_numerics
+
+        set_cuda_numerics()
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def subject_step_on_rank(case_id: str, subject_name: str, dtype_name: str, seed: int, block: dict,
@@ -33,7 +46,7 @@ def subject_step_on_rank(case_id: str, subject_name: str, dtype_name: str, seed:
     from conformance.training import process_groups_released
 
     subject = subject_by_name(subject_name)
-    model = CASES_BY_ID[case_id].build(seed=seed, dtype=getattr(torch, dtype_name))
+    model = CASES_BY_ID[case_id].build(seed=seed, dtype=getattr(torch, dtype_name)).to(rank_device())
     with process_groups_released():
         model = subject.apply(model, block)
         micro_ids = input_ids.chunk(dist.get_world_size())[dist.get_rank()]
@@ -83,13 +96,15 @@ def reduce_like_an_engine(rank_outputs: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def run_subject_on_ranks(case: ModelCase, subject, dtype: torch.dtype, seed: int, block: dict,
-                         input_ids: torch.Tensor, world_size: int, autoep_size: int):
+                         input_ids: torch.Tensor, world_size: int, autoep_size: int, device: str = "cpu"):
     """The subject's run of the data-parallel objective, as one RunOutput (logits gathered,
-    loss = mean of rank losses, aux loss per micro-batch, gradients reduced)."""
+    loss = mean of rank losses, aux loss per micro-batch, gradients reduced). ``device="cuda"``:
+    one GPU per rank, NCCL (autoep.launch.backend_for)."""
     from conformance.equivalence import RunOutput
 
     outputs = launch.run(world_size, subject_step_on_rank, case.id, subject.name,
-                         str(dtype).replace("torch.", ""), seed, {**block, "autoep_size": autoep_size}, input_ids)
+                         str(dtype).replace("torch.", ""), seed, {**block, "autoep_size": autoep_size}, input_ids,
+                         device=device)
     runs = [output["run"] for output in outputs]
     aux = None if runs[0].aux_loss is None else torch.cat([run.aux_loss for run in runs])
     return RunOutput(torch.cat([run.logits for run in runs]), torch.stack([run.loss for run in runs]).mean(), aux,

@@ -26,10 +26,23 @@ def _commit() -> str:
         return "unknown"
 
 
-def write_part(path: Path, records: list[dict], profile: str, seconds: float) -> None:
-    """One version x subject: its records and when, where and how long it ran."""
+def device_description(device: str) -> str:
+    """``device`` with what it is here: "cpu", or "cuda: 2 x NVIDIA H200" ("cuda: none visible")."""
+    if device != "cuda":
+        return device
+    import torch
+
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    if not names:
+        return "cuda: none visible"
+    return "cuda: " + ", ".join(f"{names.count(name)} x {name}" for name in dict.fromkeys(names))
+
+
+def write_part(path: Path, records: list[dict], profile: str, seconds: float, device: str = "cpu") -> None:
+    """One version x subject: its records and when, where (``device``) and how long it ran."""
     first = records[0] if records else {}
     meta = {"profile": profile, "transformers": first.get("transformers"), "subject": first.get("subject"),
+            "device": device_description(device),
             "cells": len(records), "seconds": round(seconds, 1), "commit": _commit(),
             "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     path.write_text(json.dumps({"run": meta, "records": records}, indent=1))
@@ -71,7 +84,8 @@ def _column(record: dict) -> str:
 
 
 def _row(record: dict) -> str:
-    return f"{record['subject']}: {record['case']} {record['dtype']}"
+    device = record.get("device", "cpu")
+    return f"{record['subject']}: {record['case']} {record['dtype']}" + ("" if device == "cpu" else f" [{device}]")
 
 
 def markdown(records: list[dict], runs: list[dict] | None = None, profile: str | None = None,
@@ -82,9 +96,11 @@ def markdown(records: list[dict], runs: list[dict] | None = None, profile: str |
     if profile:
         lines += [f"Profile `{profile}` (matrix/profiles.py, matrix.cells.in_profile).", ""]
     if runs:
-        lines += ["| Transformers | subject | cells | seconds | commit | finished (UTC) |", "|---|---|---|---|---|---|"]
+        lines += ["| Transformers | subject | device | cells | seconds | commit | finished (UTC) |",
+                  "|---|---|---|---|---|---|---|"]
         for run in runs:
-            lines.append(f"| {run.get('transformers')} | {run.get('subject')} | {run.get('cells')} | "
+            lines.append(f"| {run.get('transformers')} | {run.get('subject')} | {run.get('device', 'cpu')} | "
+                         f"{run.get('cells')} | "
                          f"{run.get('seconds')} | {run.get('commit')} | {run.get('finished_at')} |")
         lines.append("")
     counts: dict[str, dict[str, int]] = {}

@@ -13,17 +13,43 @@ from conformance import findings
 from conformance.equivalence import block_equivalence, model_equivalence
 from conformance.models import CASES_BY_ID, ModelSnapshot
 from conformance.subjects import SUBJECTS
+from conformance.tolerances import set_cuda_numerics
 from matrix.cells import Cell, expected, profile_matrix, relative_cost
 from matrix.profiles import DEFAULT_PROFILE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEVICES = ("cpu", "cuda")  # --device; on CUDA every rank gets its own GPU (autoep.launch.backend_for)
 
 
-def run_cell(cell: Cell, subject_name: str = "autoep") -> dict:
+def gpus_needed(cell: Cell) -> int:
+    """GPUs a cell needs on CUDA: one per rank, at both ends of a checkpoint cell."""
+    resume_world = cell.resume_topology[0] if cell.resume is not None else 0
+    return max(cell.world_size, resume_world)
+
+
+def device_unfit_reason(cell: Cell, device: str) -> str | None:
+    """Why ``cell`` cannot run on ``device`` here (recorded as "skipped"), or None."""
+    if device == "cpu":
+        return None
+    if device != "cuda":
+        raise ValueError(f"device={device!r}: choose one of {', '.join(DEVICES)}")
+    if cell.interop is not None:
+        return ("interop cells run on the CPU only (conformance/interop.py has no device plumbing); "
+                "run them with --device cpu")
+    needed, visible = gpus_needed(cell), torch.cuda.device_count()
+    if needed > visible:
+        return f"needs {needed} GPU{'s' if needed > 1 else ''}, {visible} visible"
+    return None
+
+
+def run_cell(cell: Cell, subject_name: str = "autoep", device: str = "cpu") -> dict:
+    """Run one cell for the subject; ``device="cuda"`` runs the subject on CUDA (one GPU per rank,
+    NCCL) against the CPU reference, and records a cell that does not fit the visible GPUs as
+    skipped, with the reason."""
     expectation = expected(cell)
     subject = SUBJECTS[subject_name]
     record = {"cell": cell.id, **cell.to_json(), "subject": subject_name, "expected": expectation.outcome,
-              "reason": expectation.reason, "findings": []}
+              "reason": expectation.reason, "findings": [], "device": device}
     started = time.perf_counter()
     if expectation.outcome in ("not_applicable", "not_implemented"):
         record["status"] = expectation.outcome
@@ -31,24 +57,30 @@ def run_cell(cell: Cell, subject_name: str = "autoep") -> dict:
         record.update(status="not_applicable", reason=f"interop cells use the subject's in-process apply(); the "
                                                       f"{subject_name} subject has none (it runs only inside "
                                                       f"deepspeed.initialize)")
+    elif (why := getattr(subject, "not_applicable_reason", lambda cell: None)(cell)) is not None:
+        record.update(status="not_applicable", reason=why)
     elif (why := subject.unavailable_reason(cell)) is not None:
+        record.update(status="skipped", reason=why)
+    elif (why := device_unfit_reason(cell, device)) is not None:
         record.update(status="skipped", reason=why)
     elif expectation.outcome == "rejected":
         if not hasattr(subject, "apply"):
             record.update(status="skipped", reason=f"the {subject_name} subject has no in-process apply()")
         else:
-            record.update(_run_rejection(cell, subject, expectation.error))
+            record.update(_run_rejection(cell, subject, expectation.error, device))
     else:
-        record.update(_run_equivalence(cell, subject))
+        if device == "cuda":
+            set_cuda_numerics()
+        record.update(_run_equivalence(cell, subject, device))
     record.update(findings.label(record, cell, subject))  # a peer's failure gets its finding id
     record["seconds"] = round(time.perf_counter() - started, 3)
     return record
 
 
-def _run_rejection(cell: Cell, subject, error_name: str) -> dict:
+def _run_rejection(cell: Cell, subject, error_name: str, device: str = "cpu") -> dict:
     case = CASES_BY_ID[cell.case]
     try:
-        model = case.build(dtype=DTYPES[cell.dtype])
+        model = case.build(dtype=DTYPES[cell.dtype]).to(device)
     except Exception as error:  # the family does not exist in this Transformers at all
         return {"status": "rejected_as_expected",
                 "detail": f"model class unavailable: {type(error).__name__}: {error}"[:400]}
@@ -64,22 +96,22 @@ def _run_rejection(cell: Cell, subject, error_name: str) -> dict:
     return {"status": "fail", "detail": f"expected {error_name}, but the subject accepted the model"}
 
 
-def _run_equivalence(cell: Cell, subject) -> dict:
+def _run_equivalence(cell: Cell, subject, device: str = "cpu") -> dict:
     case = CASES_BY_ID[cell.case]
     dtype = DTYPES[cell.dtype]
     if cell.resume is not None:
-        return _run_checkpoint(cell, subject)
+        return _run_checkpoint(cell, subject, device)
     if cell.interop is not None:
         return _run_interop(cell, subject)
     if cell.zero_stage != "none":
-        return _run_training(cell, subject)
+        return _run_training(cell, subject, device)
     try:
         if cell.world_size == 1 and cell.autoep_size == 1:
-            model_result = model_equivalence(case, subject, dtype)
-            block_results = block_equivalence(case, subject, dtype)
+            model_result = model_equivalence(case, subject, dtype, device=device)
+            block_results = block_equivalence(case, subject, dtype, device=device)
         else:  # rank processes; the block-level multi-process cases live in the tests
             model_result = model_equivalence(case, subject, dtype, world_size=cell.world_size,
-                                             autoep_size=cell.autoep_size)
+                                             autoep_size=cell.autoep_size, device=device)
             block_results = []
     except Exception:
         return {"status": "fail", "detail": traceback.format_exc()[-1500:]}
@@ -97,7 +129,7 @@ def _run_equivalence(cell: Cell, subject) -> dict:
     }
 
 
-def _run_training(cell: Cell, subject) -> dict:
+def _run_training(cell: Cell, subject, device: str = "cpu") -> dict:
     """A ZeRO cell: AdamW steps of the subject's DeepSpeed engine vs single-process PyTorch
     (3 steps in float32, BF16_STEPS in bf16)."""
     from conformance.training import BF16_STEPS, TrainingSetup, compare_training
@@ -106,7 +138,8 @@ def _run_training(cell: Cell, subject) -> dict:
     if cell.dtype != "float32":
         setup = dataclasses.replace(setup, steps=BF16_STEPS)
     try:
-        checks = compare_training(CASES_BY_ID[cell.case], subject, DTYPES[cell.dtype], setup, cell.world_size)
+        checks = compare_training(CASES_BY_ID[cell.case], subject, DTYPES[cell.dtype], setup, cell.world_size,
+                                  device=device)
     except Exception:
         return {"status": "fail", "detail": traceback.format_exc()[-1500:]}
     return _checks_record(checks)
@@ -119,7 +152,7 @@ def _checks_record(checks: list) -> dict:
             "max_abs_diff": {"subject~reference": max(check.max_abs_diff for check in checks)}}
 
 
-def _run_checkpoint(cell: Cell, subject) -> dict:
+def _run_checkpoint(cell: Cell, subject, device: str = "cpu") -> dict:
     """A checkpoint cell: train, save, convert to Universal (the subject's converter), resume on
     another topology; the 4 per-step losses and final parameters vs single-process PyTorch."""
     import tempfile
@@ -129,7 +162,7 @@ def _run_checkpoint(cell: Cell, subject) -> dict:
     try:
         with tempfile.TemporaryDirectory(prefix="autoep-conformance-") as folder:
             checks = resume_elsewhere(cell.case, int(cell.zero_stage), (cell.world_size, cell.autoep_size),
-                                      cell.resume_topology, folder, subject_name=subject.name)
+                                      cell.resume_topology, folder, subject_name=subject.name, device=device)
     except Exception:
         return {"status": "fail", "detail": traceback.format_exc()[-1500:]}
     return _checks_record(checks)
@@ -155,22 +188,24 @@ def _run_interop(cell: Cell, subject) -> dict:
 
 
 def run_matrix(transformers: str, subject_name: str = "autoep", case_filter: str | None = None,
-               profile: str = DEFAULT_PROFILE, progress=None) -> list[dict]:
+               profile: str = DEFAULT_PROFILE, progress=None, device: str = "cpu") -> list[dict]:
     """Every cell of ``profile`` on ``transformers`` for the subject (those whose case id contains
     ``case_filter``), then the subject's labelled rejection cell. ``progress`` (default: stdout)
-    gets one line per finished cell."""
+    gets one line per finished cell. ``device``: see :func:`run_cell`."""
     subject = SUBJECTS[subject_name]
     cells = [cell for cell in profile_matrix(transformers, profile, peer=getattr(subject, "is_peer", False))
              if not case_filter or case_filter in cell.case]
     meter = Progress(cells, f"{subject_name} tf{transformers} {profile}", progress or sys.stdout,
-                     cost=lambda cell: 0.0 if subject.unavailable_reason(cell) is not None else relative_cost(cell))
+                     cost=lambda cell: 0.0 if subject.unavailable_reason(cell) is not None
+                     or device_unfit_reason(cell, device) is not None else relative_cost(cell))
     records = []
     for cell in cells:
-        records.append(run_cell(cell, subject_name))
+        records.append(run_cell(cell, subject_name, device))
         meter.finished(cell, records[-1])
     records += findings.rejection_records(transformers, subject_name, case_filter)  # a peer's labelled rejection
     for record in records:
         record["profile"] = profile
+        record.setdefault("device", "cpu")  # a peer's labelled rejection cell runs on the CPU (gloo)
     return records
 
 

@@ -291,7 +291,7 @@ def train_steps(engine, batches: torch.Tensor, steps, setup: TrainingSetup,
         for step in steps:
             step_losses = []
             for accum in range(setup.grad_accum):
-                ids = micro_batch(batches, step, accum, rank, world, setup)
+                ids = micro_batch(batches, step, accum, rank, world, setup).to(engine.device)
                 loss = engine(input_ids=ids, labels=ids).loss
                 engine.backward(loss)
                 boundary = accum == setup.grad_accum - 1
@@ -323,9 +323,11 @@ def train_on_rank(case_id: str, subject_name: str, dtype_name: str, seed: int, s
     a tag folder saved to at the end."""
     import os
 
+    from conformance.parallel import rank_device
     from conformance.subjects import subject_by_name
 
     subject = subject_by_name(subject_name)
+    rank_device()  # on CUDA: the math settings the tolerances assume (DeepSpeed places the model itself)
     with process_globals_restored():
         engine = build_engine(case_id, subject_name, dtype_name, seed, setup, load_universal is not None)
         if load_universal is not None:
@@ -336,8 +338,13 @@ def train_on_rank(case_id: str, subject_name: str, dtype_name: str, seed: int, s
         losses = train_steps(engine, batches, range(first_step, setup.steps), setup, clipping)
         if save_to is not None:
             engine.save_checkpoint(os.path.dirname(save_to), tag=os.path.basename(save_to))
-        return {"losses": losses, "params": subject.full_parameters(engine),
+        return {"losses": losses, "params": on_cpu(subject.full_parameters(engine)),
                 "expert_shards": subject.expert_shards(engine.module), "clipping": clipping}
+
+
+def on_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A rank's tensors as they travel back to the parent (which may have no GPU)."""
+    return {name: tensor.cpu() for name, tensor in tensors.items()}
 
 
 def reference_training(case: ModelCase, dtype: torch.dtype, seed: int, setup: TrainingSetup, world_size: int,
@@ -395,14 +402,16 @@ def assemble(rank_results: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def run_training(case: ModelCase, subject, dtype: torch.dtype, setup: TrainingSetup, world_size: int = 4,
-                 seed: int = 0) -> tuple[dict, dict]:
-    """(subject: losses [steps] averaged over ranks + assembled params, reference)."""
+                 seed: int = 0, device: str = "cpu") -> tuple[dict, dict]:
+    """(subject: losses [steps] averaged over ranks + assembled params, reference). ``device``:
+    where the subject's engine runs (one GPU per rank on CUDA); the reference runs on the CPU."""
     if dtype == torch.float32:
         batches = global_batches(case.build(seed=seed).config.get_text_config().vocab_size, world_size, setup)
     else:
         batches = tie_free_global_batches(case, dtype, world_size, setup, seed)
     dtype_name = str(dtype).replace("torch.", "")
-    results = launch.run(world_size, train_on_rank, case.id, subject.name, dtype_name, seed, setup, batches)
+    results = launch.run(world_size, train_on_rank, case.id, subject.name, dtype_name, seed, setup, batches,
+                         device=device)
     losses = torch.tensor([result["losses"] for result in results]).mean(dim=0)
     subject_run = {"losses": losses, "params": assemble(results),
                    "clipping": [result["clipping"] for result in results]}
@@ -455,7 +464,7 @@ def clipping_checks(ranks: list[dict], reference_norms: torch.Tensor, tol, basel
 
 
 def compare_training(case: ModelCase, subject, dtype: torch.dtype, setup: TrainingSetup, world_size: int = 4,
-                     seed: int = 0) -> list:
+                     seed: int = 0, device: str = "cpu") -> list:
     """Run the subject and the reference and compare per-step losses and final parameters.
 
     float32: elementwise at the multi-process tolerance. bf16: the *update* of each parameter
@@ -469,20 +478,20 @@ def compare_training(case: ModelCase, subject, dtype: torch.dtype, setup: Traini
     from conformance.subjects import PLAIN_DEEPSPEED
     from conformance.tolerances import compare, tolerance
 
-    got, want = run_training(case, subject, dtype, setup, world_size, seed)
+    got, want = run_training(case, subject, dtype, setup, world_size, seed, device)
     if got["params"].keys() != want["params"].keys():
         raise AssertionError(f"parameter names differ: {sorted(got['params'].keys() ^ want['params'].keys())[:4]}")
     if dtype == torch.float32:
-        tol = tolerance(torch.float32, "multi")
+        tol = tolerance(torch.float32, "multi", device)
         return [compare("per-step loss", got["losses"], want["losses"], tol)] + \
             clipping_checks(got["clipping"], want["grad_norms"], tol) + \
             [compare(f"param {name}", got["params"][name], value, tol) for name, value in want["params"].items()]
     if setup.steps != BF16_STEPS:
         raise ValueError(f"TrainingSetup.steps={setup.steps}: {dtype} runs are compared over {BF16_STEPS} step "
                          "(see BF16_STEPS: over more, bf16 rounding flips near-tie routing decisions)")
-    tol = tolerance(dtype, "multi")
+    tol = tolerance(dtype, "multi", device)
     baseline, _ = run_training(case, PLAIN_DEEPSPEED, dtype, dataclasses.replace(setup, autoep_size=1), world_size,
-                               seed)
+                               seed, device)
     initial = initial_parameters(case, dtype, seed)
     updates = {name: value - initial[name] for name, value in want["params"].items()}
     base_updates = {name: baseline["params"][name] - initial[name] for name in updates}
