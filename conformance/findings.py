@@ -79,7 +79,9 @@ def _zero0_expert_parallel_training(record: dict) -> bool:
             and record.get("interop") is None)
 
 
-RECORDER_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_5_moe")
+# The DeepSpeed presets that install DeepSpeed's router-logits recorder (MiniMax-M3's uses the
+# same top-level recorder adapter as Mixtral's).
+RECORDER_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_5_moe", "minimax_m3_vl")
 
 FINDINGS = [
     Finding("DS-0", "documented rejection", "deepspeed",
@@ -93,7 +95,8 @@ FINDINGS = [
     Finding("DS-1", "peer failure", "deepspeed",
             "DeepSpeed's AutoEP installs its router-logits recorder with the pre-5.23 signature of Transformers' "
             "_CanRecordRegistry.get (two arguments); 5.23 added one, so building the engine raises TypeError",
-            "Transformers >= 5.23; mixtral, qwen2_moe, qwen3_moe, qwen3_5_moe (the families with an aux loss)",
+            "Transformers >= 5.23; mixtral, qwen2_moe, qwen3_moe, qwen3_5_moe, minimax_m3 (the presets with a "
+            "router-logits recorder)",
             lambda r: _version(r) >= Version("5.23") and r["case"].split("-")[0] in RECORDER_FAMILIES,
             r"TypeError: _CanRecordRegistry\.get\(\) takes 2 positional arguments but 3 were given",
             TEST + "test_ds1_recorder_registry_type_error_on_transformers_5_23_and_later"),

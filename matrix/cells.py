@@ -113,6 +113,11 @@ def cells() -> list[Cell]:
             for stage, world, ep in topologies:
                 for dtype in DTYPES:
                     result.append(Cell(version, case.id, stage, world, ep, dtype))
+        if version == DEFAULT_TRANSFORMERS:  # each routing kind only families have, through the engine
+            for case_id in KIND_REPRESENTATIVES:
+                for stage in CHECKPOINT_STAGES:
+                    result.append(Cell(version, case_id, stage, 4, 2, "float32"))
+                result.append(Cell(version, case_id, 2, 4, 2, "float32", "w2-ep1"))
         for case_id, versions in CHECKPOINT_CASES.items():
             if version in versions:
                 for stage in CHECKPOINT_STAGES:
@@ -163,7 +168,10 @@ def _is(cell: Cell, stage, world: int, ep: int, resume: str | None = None) -> bo
 def _smoke(cell: Cell) -> bool:
     """One process in float32 for every case (each routing switch), and Mixtral on the topologies
     where the parallel bugs live: EP forward/backward, EDP and replica reductions under ZeRO-0,
-    ZeRO-3 partitioning, and a ZeRO-1 and a ZeRO-3 Universal resume; ZeRO-0 bf16 under EP."""
+    ZeRO-3 partitioning, and a ZeRO-1 and a ZeRO-3 Universal resume; ZeRO-0 bf16 under EP. Of the
+    table's families beyond the seed's presets: each family's default case (variants in full)."""
+    if cell.case in FAMILY_CASE_IDS and cell.case not in FAMILY_DEFAULT_CASES:
+        return False
     if cell.dtype != "float32":
         return _smoke_bf16(cell)
     if _one_process(cell):
@@ -208,8 +216,9 @@ def routing_kind(case_id: str) -> str:
     return PRESETS[CASES_BY_ID[case_id].preset].routing.kind
 
 
-# The family case that represents each routing kind no default case has, on plain-PyTorch EP in
-# the default profile (every family's one-process cells run in every profile).
+# The family case that represents each routing kind no default case has: on plain-PyTorch EP in
+# the default profile (every family's one-process cells run in every profile), and in the full
+# profile also under ZeRO 1-3 (w4 ep2) and through a Universal resume (ZeRO-2 w4 ep2 -> w2 ep1).
 KIND_REPRESENTATIVES = tuple(
     case.id for index, case in enumerate(FAMILY_CASES)
     if routing_kind(case.id) not in {routing_kind(c.id) for c in DEFAULT_CASES + FAMILY_CASES[:index]})
@@ -220,11 +229,16 @@ def _default(cell: Cell) -> bool:
     """The newest version in depth, sized to the README's 12 minutes (measured here: about 8,
     installs included): every case in both dtypes on one process and on EP topologies, Mixtral
     and DeepSeek-V3 through every ZeRO stage x autoep_size and every Universal resume, every
-    other family under ZeRO-1/2/3 and in one resume, bf16 under ZeRO, every interop family."""
+    other family under ZeRO-1/2/3 and in one resume, bf16 under ZeRO, every interop family. Of the
+    table's families beyond the seed's presets: each family's default case on one process in both
+    dtypes, and the representative of each routing kind no seed preset has on EP (w4 ep2)."""
+    if cell.case in FAMILY_CASE_IDS:
+        if cell.case not in FAMILY_DEFAULT_CASES:
+            return False
+        return _one_process(cell) or (cell.case in KIND_REPRESENTATIVES and cell.dtype == "float32"
+                                      and _is(cell, "none", 4, 2))
     if _smoke(cell) or _one_process(cell):
         return True
-    if cell.case in FAMILY_CASE_IDS:
-        return cell.case in KIND_REPRESENTATIVES and cell.dtype == "float32" and _is(cell, "none", 4, 2)
     if cell.interop is not None:
         if cell.interop == "compile":  # 6-30 s each: Mixtral in both dtypes (every family in full)
             return cell.case == "mixtral"
@@ -248,7 +262,7 @@ def _peer_default(cell: Cell) -> bool:
     says it is right (DeepSeek-V3 through every ZeRO stage x autoep_size and the two Universal
     resumes) plus each class of finding once per family (ZeRO-2, a ZeRO-3 resume). A peer's
     ``unavailable_reason`` turns the cells it cannot run into skipped records with the reason."""
-    if cell.zero_stage == "none":
+    if cell.zero_stage == "none" or cell.case in FAMILY_CASE_IDS:  # (the table's families: ZeRO in full)
         return _default(cell)
     if cell.dtype != "float32":
         return False

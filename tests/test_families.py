@@ -139,3 +139,13 @@ def test_fused_experts_outside_the_described_blocks_are_named_not_silently_left_
     with caplog.at_level(logging.WARNING, logger="autoep"):
         autoep.inspect(model, {"moe_layer_pattern": r"model\.layers\.\d+\.mlp"})
     assert "stay dense" not in caplog.text
+
+
+def test_the_readme_lists_every_row_and_every_refusal():
+    from pathlib import Path
+
+    text = Path(__file__).resolve().parent.parent.joinpath("README.md").read_text()
+    section = text[text.index("## Families"):text.index("\n## ", text.index("## Families") + 1)]
+    listed = {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
+    assert listed == {family.name for family in FAMILIES}
+    assert all(refusal.model_types[0] in section for refusal in REFUSED)
