@@ -171,6 +171,16 @@ class TorchTitanSubject:
     is_peer = True  # its failures are findings (conformance/findings.py, TT-n)
     optimizer_route = "client"  # plain torch optimizers over model.parameters(); no ZeRO cells
 
+    def not_applicable_reason(self, cell) -> str | None:
+        """TorchTitan's HF MoE backend documents Qwen3 models (its config_registry); it is judged on the
+        seed's presets, not on the table's other families (conformance/models.py FAMILY_CASES)."""
+        from matrix.cells import FAMILY_CASE_IDS
+
+        if cell.case in FAMILY_CASE_IDS:
+            return ("TorchTitan's HF MoE backend is judged on the seed's presets (it documents Qwen3 models); the "
+                    "family table's other families are not claimed by it")
+        return None
+
     def unavailable_reason(self, cell=None) -> str | None:
         if not titan_installed():
             return NOT_INSTALLED

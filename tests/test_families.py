@@ -149,3 +149,17 @@ def test_the_readme_lists_every_row_and_every_refusal():
     listed = {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
     assert listed == {family.name for family in FAMILIES}
     assert all(refusal.model_types[0] in section for refusal in REFUSED)
+
+
+def test_peers_are_not_judged_on_families_they_do_not_claim():
+    from conformance.subjects import SUBJECTS
+    from matrix.cells import FAMILY_DEFAULT_CASES, Cell
+
+    family_cell = Cell(NEWEST, FAMILY_DEFAULT_CASES[0], 2, 4, 2, "float32")
+    seed_cell = Cell(NEWEST, "mixtral", 2, 4, 2, "float32")
+    for name in ("deepspeed", "torchtitan"):
+        subject = SUBJECTS[name]
+        assert subject.not_applicable_reason(seed_cell) is None
+        assert "family" in subject.not_applicable_reason(family_cell)
+    minimax = Cell(NEWEST, "minimax_m3_vl", 2, 4, 2, "float32")  # DeepSpeed's sixth preset
+    assert SUBJECTS["deepspeed"].not_applicable_reason(minimax) is None
