@@ -36,8 +36,19 @@ TOPOLOGIES = (
 # both dtypes: a family's routing switches do not interact with parallelism, as for VARIANT_CASES.
 # Their routing kind goes through ZeRO and checkpoints with the default case of that kind.
 FAMILY_EP_TOPOLOGIES = (("none", 4, 2), ("none", 4, 4))
-FAMILY_DEFAULT_CASES = tuple({(case.preset, case.model_type): case.id
-                              for case in reversed(FAMILY_CASES)}.values())[::-1]
+
+
+def first_case_per(key, cases, taken=()) -> tuple[str, ...]:
+    """Ids of the first case of ``cases`` for each value of ``key(case)`` not in ``taken``, in order."""
+    seen, first = set(taken), []
+    for case in cases:
+        if key(case) not in seen:
+            seen.add(key(case))
+            first.append(case.id)
+    return tuple(first)
+
+
+FAMILY_DEFAULT_CASES = first_case_per(lambda case: (case.preset, case.model_type), FAMILY_CASES)
 # Checkpoint cells: ZeRO stage x (source world, autoep_size) -> (target world, autoep_size),
 # float32: 2 steps, save, Universal conversion, 2 steps on the target. The converter does not
 # depend on the routing, so Mixtral runs on every Transformers version and the presets with
@@ -219,9 +230,8 @@ def routing_kind(case_id: str) -> str:
 # The family case that represents each routing kind no default case has: on plain-PyTorch EP in
 # the default profile (every family's one-process cells run in every profile), and in the full
 # profile also under ZeRO 1-3 (w4 ep2) and through a Universal resume (ZeRO-2 w4 ep2 -> w2 ep1).
-KIND_REPRESENTATIVES = tuple(
-    case.id for index, case in enumerate(FAMILY_CASES)
-    if routing_kind(case.id) not in {routing_kind(c.id) for c in DEFAULT_CASES + FAMILY_CASES[:index]})
+KIND_REPRESENTATIVES = first_case_per(lambda case: routing_kind(case.id), FAMILY_CASES,
+                                      {routing_kind(case.id) for case in DEFAULT_CASES})
 FAMILY_CASE_IDS = frozenset(case.id for case in FAMILY_CASES)
 
 
