@@ -70,7 +70,7 @@ def run_cell(cell: Cell, subject_name: str = "autoep", device: str = "cpu") -> d
             record.update(_run_rejection(cell, subject, expectation.error, device))
     else:
         if device == "cuda":
-            set_cuda_numerics()
+            set_cuda_numerics()  # what the CUDA tolerances assume (each rank process sets it too)
         record.update(_run_equivalence(cell, subject, device))
     record.update(findings.label(record, cell, subject))  # a peer's failure gets its finding id
     record["seconds"] = round(time.perf_counter() - started, 3)
