@@ -203,9 +203,10 @@ def _version_sensitive(cell: Cell) -> bool:
     """What a Transformers minor can change, run on every version of the full profile: the
     blocks' numerics in both dtypes, the interop with Transformers' features (compile on
     Mixtral), the engine's view of every family (ZeRO-2), a Universal resume. A family of the table
-    beyond the seed's presets: its default case on one process (its variants on the newest only)."""
+    beyond the seed's presets: its default case on one process in float32 (its variants and bf16 on
+    the newest only: the dtype paths are the layer's, not the Transformers minor's)."""
     if cell.case in FAMILY_CASE_IDS:
-        return cell.case in FAMILY_DEFAULT_CASES and _one_process(cell)
+        return cell.case in FAMILY_DEFAULT_CASES and _one_process(cell) and cell.dtype == "float32"
     if _smoke(cell) or _one_process(cell):
         return True
     if cell.interop is not None:
