@@ -11,7 +11,8 @@ One path for every ``autoep_size``::
                count exchange          all_to_all_single of tokens_per_expert_E (E int64)
                token AllToAll          rows_RH -> received rows, uneven splits, no padding
                rank-major -> expert-major permutation
-    combine:   the inverse permutation, the AllToAll back (splits swapped), unsort -> [T,K,H]
+    combine:   the inverse permutation, the AllToAll back (splits swapped), then the weighted
+               sum per token (:func:`weighted_sum`): [R,H] expert rows -> [T,H]
 
 With ``autoep_size == 1`` (``groups is None``) the collectives and the permutation are
 skipped and the rest is unchanged. Experts are laid out contiguously over the EP group (EP
@@ -19,6 +20,15 @@ rank r holds experts ``[r*E_local, (r+1)*E_local)``), so the expert-sorted rows 
 grouped by destination rank. Every collective has its autograd adjoint: the AllToAll's
 backward is the AllToAll with the splits swapped; permutations use ``index_select``, whose
 backward scatters each row to exactly one place (deterministic).
+
+Memory and determinism of the two ends (the routed rows are the biggest activations of a block):
+the gather of each token's K copies (:class:`_GatherRows`) and the weighted sum back
+(:class:`_WeightedSum`) are autograd functions whose backward is a gather too: a token's gradient
+is the sum of its K row gradients, and a row's gradient is its token's gradient times its weight,
+both found through the permutation and its inverse, so no scatter-add runs (no atomics on CUDA)
+and the K terms are summed in slot order in float32 (float64 for a float64 model) on every device.
+The weighted sum keeps only the expert rows in their own dtype for backward (not a float32
+``[T, K, H]`` copy) and accumulates slot by slot into one float32 ``[T, H]``.
 """
 
 from __future__ import annotations
@@ -35,12 +45,17 @@ from autoep.groups import ExpertParallelGroups
 @dataclass
 class LocalRouting:
     """How the T*K routed rows were ordered: ``order_R[i]`` is the (token*K + slot) that sits
-    at sorted row i."""
+    at sorted row i; ``inverse_R[token*K + slot]`` is the sorted row that holds it."""
 
     order_R: torch.Tensor
     tokens_per_expert_E: torch.Tensor
     num_tokens: int
     top_k: int
+    inverse_R: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.inverse_R is None:
+            self.inverse_R = inverse_permutation(self.order_R)
 
 
 @dataclass
@@ -72,14 +87,88 @@ def sort_by_expert(hidden_TH: torch.Tensor, expert_ids_TK: torch.Tensor, num_exp
     # length depends on the data, which torch.compile cannot trace), deterministic everywhere.
     starts = torch.searchsorted(flat_ids_R[order_R], torch.arange(num_experts + 1, device=flat_ids_R.device))
     tokens_per_expert_E = starts[1:] - starts[:-1]
-    rows_RH = hidden_TH.index_select(0, order_R // top_k)
-    return rows_RH, LocalRouting(order_R, tokens_per_expert_E, num_tokens, top_k)
+    routing = LocalRouting(order_R, tokens_per_expert_E, num_tokens, top_k)
+    rows_RH = _GatherRows.apply(hidden_TH, order_R, routing.inverse_R, top_k)
+    return rows_RH, routing
 
 
 def unsort(rows_RH: torch.Tensor, routing: LocalRouting) -> torch.Tensor:
     """Inverse of :func:`sort_by_expert`: returns ``[T, K, H]`` in token/slot order."""
-    rows_RH = rows_RH.index_select(0, inverse_permutation(routing.order_R))
+    rows_RH = rows_RH.index_select(0, routing.inverse_R)
     return rows_RH.view(routing.num_tokens, routing.top_k, rows_RH.shape[-1])
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for a float64 model (never below float32)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _GatherRows(torch.autograd.Function):
+    """``hidden_TH[order_R // K]``: each token's row once per routed slot, expert-sorted. Backward:
+    a token's gradient is the sum of its K row gradients, gathered through the inverse
+    permutation and summed slot by slot in float32 (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, hidden_TH, order_R, inverse_R, top_k):
+        ctx.save_for_backward(inverse_R)
+        ctx.top_k = top_k
+        return hidden_TH.index_select(0, order_R // top_k)
+
+    @staticmethod
+    def backward(ctx, grad_RH):
+        (inverse_R,) = ctx.saved_tensors
+        top_k = ctx.top_k
+        grad_TKH = grad_RH.index_select(0, inverse_R).view(-1, top_k, grad_RH.shape[-1])
+        if top_k == 1:
+            return grad_TKH[:, 0], None, None, None
+        accumulate = _accumulation_dtype(grad_RH.dtype)
+        grad_TH = grad_TKH[:, 0].to(accumulate)
+        for slot in range(1, top_k):
+            grad_TH = grad_TH + grad_TKH[:, slot].to(accumulate)
+        return grad_TH.to(grad_RH.dtype), None, None, None
+
+
+class _WeightedSum(torch.autograd.Function):
+    """``out_TH[t] = sum_k weights_TK[t, k] * rows_RH[inverse_R[t*K + k]]`` in the accumulation
+    dtype, slots summed in order. Saves the rows in their own dtype; backward gathers: a row's
+    gradient is its token's gradient times its weight, a weight's gradient the dot product of its
+    token's gradient with its row (both in the accumulation dtype)."""
+
+    @staticmethod
+    def forward(ctx, rows_RH, weights_TK, order_R, inverse_R):
+        num_tokens, top_k = weights_TK.shape
+        accumulate = _accumulation_dtype(rows_RH.dtype)
+        rows_TKH = rows_RH.index_select(0, inverse_R).view(num_tokens, top_k, rows_RH.shape[-1])
+        weights_TK1 = weights_TK.to(accumulate).unsqueeze(-1)
+        out_TH = rows_TKH[:, 0].to(accumulate) * weights_TK1[:, 0]
+        for slot in range(1, top_k):
+            out_TH = out_TH + rows_TKH[:, slot].to(accumulate) * weights_TK1[:, slot]
+        ctx.save_for_backward(rows_RH, weights_TK, order_R, inverse_R)
+        return out_TH
+
+    @staticmethod
+    def backward(ctx, grad_TH):
+        rows_RH, weights_TK, order_R, inverse_R = ctx.saved_tensors
+        num_tokens, top_k = weights_TK.shape
+        accumulate = grad_TH.dtype
+        weights_TK1 = weights_TK.to(accumulate).unsqueeze(-1)
+        grad_rows = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            grad_TKH = rows_RH.new_empty(num_tokens, top_k, rows_RH.shape[-1])
+            for slot in range(top_k):
+                grad_TKH[:, slot] = grad_TH * weights_TK1[:, slot]
+            grad_rows = grad_TKH.view(-1, rows_RH.shape[-1]).index_select(0, order_R)
+        if ctx.needs_input_grad[1]:
+            rows_TKH = rows_RH.index_select(0, inverse_R).view(num_tokens, top_k, rows_RH.shape[-1])
+            grad_weights = torch.stack([(grad_TH * rows_TKH[:, slot].to(accumulate)).sum(dim=-1)
+                                        for slot in range(top_k)], dim=1).to(weights_TK.dtype)
+        return grad_rows, grad_weights, None, None
+
+
+def weighted_sum(rows_RH: torch.Tensor, weights_TK: torch.Tensor, routing: LocalRouting) -> torch.Tensor:
+    """Rows in the local expert-sorted order (as :func:`sort_by_expert` left them) weighted and
+    summed per token: ``[T, H]`` in the accumulation dtype (float32, float64 for float64)."""
+    return _WeightedSum.apply(rows_RH, weights_TK, routing.order_R, routing.inverse_R)
 
 
 def _all_to_all(rows: torch.Tensor, receive_splits: list[int], send_splits: list[int], group) -> torch.Tensor:
@@ -146,16 +235,16 @@ def _dispatch(hidden_TH, expert_ids_TK, num_experts, groups):
     return rows_for_experts, state
 
 
-def combine(expert_rows: torch.Tensor, state: DispatchState) -> torch.Tensor:
-    """The reverse of :func:`dispatch`: expert outputs back to their tokens, ``[T, K, H]``."""
+def combine(expert_rows: torch.Tensor, weights_TK: torch.Tensor, state: DispatchState) -> torch.Tensor:
+    """The reverse of :func:`dispatch`: expert outputs back to their tokens, weighted by
+    ``weights_TK`` and summed per token: ``[T, H]`` in the accumulation dtype."""
     with record_function("autoep.combine"):
-        return _combine(expert_rows, state)
+        return weighted_sum(_return_rows(expert_rows, state), weights_TK, state.local)
 
 
-def _combine(expert_rows: torch.Tensor, state: DispatchState) -> torch.Tensor:
+def _return_rows(expert_rows: torch.Tensor, state: DispatchState) -> torch.Tensor:
+    """Expert outputs back on the rank that sent their rows, in its local expert-sorted order."""
     if state.groups is None or state.groups.ep_size == 1:
-        return unsort(expert_rows, state.local)
+        return expert_rows
     rank_major = expert_rows.index_select(0, inverse_permutation(state.expert_major_order))
-    returned_RH = _AllToAll.apply(rank_major, state.send_splits, state.receive_splits, state.groups.ep_group,
-                                  "combine")
-    return unsort(returned_RH, state.local)
+    return _AllToAll.apply(rank_major, state.send_splits, state.receive_splits, state.groups.ep_group, "combine")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from autoep.activations import ACTIVATIONS, CLAMPED_SWIGLU, clamped_swiglu
 
@@ -108,18 +109,13 @@ def _(rows_RK, weight_EOK, counts_E, grouped):
 def expert_linear_backward(rows_RK: torch.Tensor, weight_EOK: torch.Tensor, counts_E: torch.Tensor,
                            grad_RO: torch.Tensor, grouped: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(d rows, d weight) of :func:`expert_linear`: dX = dY W_e and dW_e = dY^T X per expert."""
+    return _expert_linear_backward_impl(rows_RK, weight_EOK, counts_E, grad_RO, grouped)
+
+
+def _expert_linear_backward_impl(rows_RK, weight_EOK, counts_E, grad_RO, grouped: bool):
     grad_RO = grad_RO.contiguous()
-    if grouped:
-        offsets_E = _offsets(counts_E)
-        return (F.grouped_mm(grad_RO, weight_EOK, offs=offsets_E),
-                F.grouped_mm(grad_RO.t(), rows_RK, offs=offsets_E))
-    grad_rows, grad_weight = torch.empty_like(rows_RK), torch.zeros_like(weight_EOK)
-    start = 0
-    for expert, count in enumerate(counts_E.tolist()):
-        grad_rows[start:start + count] = grad_RO[start:start + count] @ weight_EOK[expert]
-        grad_weight[expert] = grad_RO[start:start + count].t() @ rows_RK[start:start + count]
-        start += count
-    return grad_rows, grad_weight
+    return (_expert_input_grad(weight_EOK, grad_RO, counts_E, grouped),
+            _expert_weight_grad(rows_RK, grad_RO, counts_E, grouped))
 
 
 @expert_linear_backward.register_fake
@@ -140,6 +136,111 @@ def _backward(ctx, grad_RO):
 
 
 expert_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _ExpertsMLP(torch.autograd.Function):
+    """``down(gate_fn(gate_up(rows)))`` for every local expert, keeping for backward only the
+    rows and the gate/up projection: the activation and its product with ``up`` (two ``[R, I]``
+    tensors autograd would keep) are recomputed from the projection in backward, and the gate/up
+    gradient is written over the projection it no longer needs (SiLU, the common case; other
+    activations take their gradient from autograd on the recomputed activation). The same
+    kernels and the same arithmetic as without recomputation, in both directions. Because its
+    backward consumes what it saved, it runs once: a second backward through the same graph
+    (``retain_graph=True``) is refused with a clear error instead of reading overwritten values."""
+
+    @staticmethod
+    def forward(ctx, rows_RK, gate_up_EOK, down_EOK, counts_E, grouped, gate_fn, activation):
+        linear = _grouped_or_loop(grouped)
+        gate_up_RO = linear(rows_RK, gate_up_EOK, counts_E)
+        hidden_RI = gate_fn(*gate_up_RO.chunk(2, dim=-1))
+        out_RH = linear(hidden_RI, down_EOK, counts_E)
+        ctx.save_for_backward(rows_RK, gate_up_EOK, down_EOK, counts_E, gate_up_RO)
+        ctx.grouped, ctx.gate_fn, ctx.activation, ctx.consumed = grouped, gate_fn, activation, False
+        return out_RH
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_RH):
+        if ctx.consumed:
+            raise RuntimeError(
+                "AutoEP experts: a second backward through the same graph (retain_graph=True). The experts "
+                "recompute their activation in backward and overwrite the saved projection with its gradient, so "
+                "their backward runs once per forward; run the forward again for another backward.")
+        rows_RK, gate_up_EOK, down_EOK, counts_E, gate_up_RO = ctx.saved_tensors
+        grouped = ctx.grouped
+        grad_RH = grad_RH.contiguous()
+        # d down = d out^T hidden per expert, with hidden recomputed slice by slice (no [R, I] temporary
+        # beside it); then d hidden = d out down, once hidden is gone.
+        hidden_RI = gate_up_RO.new_empty(gate_up_RO.shape[0], gate_up_RO.shape[1] // 2)
+        for rows in _row_slices(hidden_RI.shape[0]):
+            hidden_RI[rows] = ctx.gate_fn(*gate_up_RO[rows].chunk(2, dim=-1))
+        grad_down = _expert_weight_grad(hidden_RI, grad_RH, counts_E, grouped)
+        del hidden_RI
+        grad_hidden_RI = _expert_input_grad(down_EOK, grad_RH, counts_E, grouped)
+        ctx.consumed = True
+        grad_gate_up_RO = _gate_backward(ctx.gate_fn, ctx.activation, gate_up_RO, grad_hidden_RI)
+        del grad_hidden_RI
+        grad_rows, grad_gate_up = _expert_linear_backward_impl(rows_RK, gate_up_EOK, counts_E, grad_gate_up_RO,
+                                                               grouped)
+        return grad_rows, grad_gate_up, grad_down, None, None, None, None
+
+
+def _gate_backward(gate_fn, activation: str, gate_up_RO: torch.Tensor, grad_hidden_RI: torch.Tensor) -> torch.Tensor:
+    """d(gate, up) of ``gate_fn(gate, up)`` given d(hidden). SiLU: written over ``gate_up_RO``
+    (``grad_hidden_RI`` is consumed too) with the ops autograd would run: d up = d hidden *
+    silu(gate), d gate = silu_backward(d hidden * up, gate). Otherwise autograd on the recomputation."""
+    if activation == "silu":
+        for rows in _row_slices(gate_up_RO.shape[0]):  # slices: the silu temporary stays small
+            gate_RI, up_RI = gate_up_RO[rows].chunk(2, dim=-1)
+            grad_hidden = grad_hidden_RI[rows]
+            up_RI.mul_(grad_hidden)                                   # d act = d hidden * up
+            grad_hidden.mul_(F.silu(gate_RI))                         # d up = d hidden * silu(gate)
+            torch.ops.aten.silu_backward.grad_input(up_RI, gate_RI, grad_input=gate_RI)  # d gate
+            up_RI.copy_(grad_hidden)
+        return gate_up_RO
+    with torch.enable_grad():
+        gate_up = gate_up_RO.detach().requires_grad_()
+        recomputed_RI = gate_fn(*gate_up.chunk(2, dim=-1))
+    (grad_gate_up_RO,) = torch.autograd.grad(recomputed_RI, gate_up, grad_hidden_RI)
+    return grad_gate_up_RO
+
+
+# Rows per slice where backward recomputes or rewrites [R, I] tensors piecewise.
+_SLICE_ROWS = 2048
+
+
+def _row_slices(num_rows: int):
+    return (slice(start, start + _SLICE_ROWS) for start in range(0, num_rows, _SLICE_ROWS))
+
+
+def _expert_input_grad(weight_EOK, grad_RO, counts_E, grouped: bool) -> torch.Tensor:
+    """d rows = d out W_e per expert."""
+    if grouped:
+        return F.grouped_mm(grad_RO, weight_EOK, offs=_offsets(counts_E))
+    grad_rows, start = grad_RO.new_empty(grad_RO.shape[0], weight_EOK.shape[2]), 0
+    for expert, count in enumerate(counts_E.tolist()):
+        grad_rows[start:start + count] = grad_RO[start:start + count] @ weight_EOK[expert]
+        start += count
+    return grad_rows
+
+
+def _expert_weight_grad(rows_RK, grad_RO, counts_E, grouped: bool) -> torch.Tensor:
+    """d W_e = d out^T rows per expert, ``[E, out, in]``."""
+    if grouped:
+        return F.grouped_mm(grad_RO.t(), rows_RK, offs=_offsets(counts_E))
+    grad_weight = grad_RO.new_zeros(counts_E.shape[0], grad_RO.shape[1], rows_RK.shape[1])
+    start = 0
+    for expert, count in enumerate(counts_E.tolist()):
+        grad_weight[expert] = grad_RO[start:start + count].t() @ rows_RK[start:start + count]
+        start += count
+    return grad_weight
+
+
+def _grouped_or_loop(grouped: bool):
+    if grouped:
+        return lambda rows_RK, weight_EOK, counts_E: F.grouped_mm(rows_RK, weight_EOK.transpose(-2, -1),
+                                                                  offs=_offsets(counts_E))
+    return _loop_linear
 
 
 def _batched_linear(rows_RK: torch.Tensor, weight_EOK: torch.Tensor, expert_R: torch.Tensor) -> torch.Tensor:
@@ -237,9 +338,16 @@ class GroupedExperts(nn.Module):
         if kernel == "batched_mm":
             expert_R = torch.repeat_interleave(torch.arange(gate_up.shape[0], device=rows_RH.device),
                                                tokens_per_expert_E, output_size=rows_RH.shape[0])
-        gate_RI, up_RI = self._linear(kernel, rows_RH, gate_up, tokens_per_expert_E, expert_R).chunk(2, dim=-1)
-        if self.act_fn is None:  # the clamped SwiGLU
-            hidden_RI = clamped_swiglu(gate_RI, up_RI, *self.activation_params)
-        else:
-            hidden_RI = self.act_fn(gate_RI) * up_RI
-        return self._linear(kernel, hidden_RI, down, tokens_per_expert_E, expert_R)
+        if kernel != "batched_mm" and not torch.compiler.is_compiling() and torch.is_grad_enabled():
+            # The memory-lean path (activation recomputed in backward); under torch.compile the
+            # partitioner decides what to recompute, and batched_mm keeps its gathered weights.
+            return _ExpertsMLP.apply(rows_RH, gate_up, down, tokens_per_expert_E, kernel == "grouped_mm",
+                                     self.gate_fn, self.activation)
+        gate_up_RO = self._linear(kernel, rows_RH, gate_up, tokens_per_expert_E, expert_R)
+        return self._linear(kernel, self.gate_fn(*gate_up_RO.chunk(2, dim=-1)), down, tokens_per_expert_E, expert_R)
+
+    def gate_fn(self, gate_RI: torch.Tensor, up_RI: torch.Tensor) -> torch.Tensor:
+        """The gated activation: ``act(gate) * up``, or the clamped SwiGLU."""
+        if self.act_fn is None:
+            return clamped_swiglu(gate_RI, up_RI, *self.activation_params)
+        return self.act_fn(gate_RI) * up_RI

@@ -105,12 +105,9 @@ class AutoEPMoELayer(nn.Module):
         _, weights_TK, expert_ids_TK = self.router_module()(hidden_TH)
         rows_RH, state = dispatch(hidden_TH, expert_ids_TK, self.num_experts, self.ep_groups)
         expert_rows_RH = self.routed_experts()(rows_RH, state.tokens_per_local_expert)
-        expert_out_TKH = combine(expert_rows_RH, state)
         # Weighted combine in float32 (float64 for a float64 model), slots summed in order:
-        # deterministic on every device.
-        combine_dtype = torch.promote_types(dtype, torch.float32)
-        routed_TH = (expert_out_TKH.to(combine_dtype) * weights_TK.to(combine_dtype).unsqueeze(-1)).sum(dim=1)
-        output_TH = routed_TH.to(dtype)
+        # deterministic on every device (autoep/dispatch.py weighted_sum).
+        output_TH = combine(expert_rows_RH, weights_TK, state).to(dtype)
         shared = self.shared_mlp()
         if shared is not None:
             shared_TH = shared(hidden_TH)
