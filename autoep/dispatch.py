@@ -26,9 +26,9 @@ the gather of each token's K copies (:class:`_GatherRows`) and the weighted sum 
 (:class:`_WeightedSum`) are autograd functions whose backward is a gather too: a token's gradient
 is the sum of its K row gradients, and a row's gradient is its token's gradient times its weight,
 both found through the permutation and its inverse, so no scatter-add runs (no atomics on CUDA)
-and the K terms are summed in slot order in float32 (float64 for a float64 model) on every device.
-The weighted sum keeps only the expert rows in their own dtype for backward (not a float32
-``[T, K, H]`` copy) and accumulates slot by slot into one float32 ``[T, H]``.
+and the K terms are summed in float32 (float64 for a float64 model), deterministically on every
+device. The weighted sum keeps only the expert rows in their own dtype for backward (not a
+float32 ``[T, K, H]`` copy).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 class _GatherRows(torch.autograd.Function):
     """``hidden_TH[order_R // K]``: each token's row once per routed slot, expert-sorted. Backward:
     a token's gradient is the sum of its K row gradients, gathered through the inverse
-    permutation and summed slot by slot in float32 (no scatter-add)."""
+    permutation and summed in float32 (no scatter-add)."""
 
     @staticmethod
     def forward(ctx, hidden_TH, order_R, inverse_R, top_k):
@@ -117,42 +117,33 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_RH):
         (inverse_R,) = ctx.saved_tensors
-        top_k = ctx.top_k
-        grad_TKH = grad_RH.index_select(0, inverse_R).view(-1, top_k, grad_RH.shape[-1])
-        if top_k == 1:
-            return grad_TKH[:, 0], None, None, None
-        accumulate = _accumulation_dtype(grad_RH.dtype)
-        grad_TH = grad_TKH[:, 0].to(accumulate)
-        for slot in range(1, top_k):
-            grad_TH = grad_TH + grad_TKH[:, slot].to(accumulate)
+        grad_TKH = grad_RH.index_select(0, inverse_R).view(-1, ctx.top_k, grad_RH.shape[-1])
+        grad_TH = grad_TKH.to(_accumulation_dtype(grad_RH.dtype)).sum(dim=1)
         return grad_TH.to(grad_RH.dtype), None, None, None
 
 
 class _WeightedSum(torch.autograd.Function):
     """``out_TH[t] = sum_k weights_TK[t, k] * rows_RH[inverse_R[t*K + k]]`` in the accumulation
-    dtype, slots summed in order. Saves the rows in their own dtype; backward gathers: a row's
-    gradient is its token's gradient times its weight, a weight's gradient the dot product of its
-    token's gradient with its row (both in the accumulation dtype)."""
+    dtype. Saves the rows in their own dtype (forward's float32 ``[T, K, H]`` products are
+    temporaries, never kept); backward gathers: a row's gradient is its token's gradient
+    times its weight, a weight's gradient the dot product of its token's gradient with its row."""
 
     @staticmethod
     def forward(ctx, rows_RH, weights_TK, order_R, inverse_R):
         num_tokens, top_k = weights_TK.shape
         accumulate = _accumulation_dtype(rows_RH.dtype)
         rows_TKH = rows_RH.index_select(0, inverse_R).view(num_tokens, top_k, rows_RH.shape[-1])
-        weights_TK1 = weights_TK.to(accumulate).unsqueeze(-1)
-        out_TH = rows_TKH[:, 0].to(accumulate) * weights_TK1[:, 0]
-        for slot in range(1, top_k):
-            out_TH = out_TH + rows_TKH[:, slot].to(accumulate) * weights_TK1[:, slot]
         ctx.save_for_backward(rows_RH, weights_TK, order_R, inverse_R)
-        return out_TH
+        return (rows_TKH.to(accumulate) * weights_TK.to(accumulate).unsqueeze(-1)).sum(dim=1)
 
     @staticmethod
     def backward(ctx, grad_TH):
         rows_RH, weights_TK, order_R, inverse_R = ctx.saved_tensors
         num_tokens, top_k = weights_TK.shape
-        accumulate = grad_TH.dtype
-        weights_TK1 = weights_TK.to(accumulate).unsqueeze(-1)
         grad_rows = grad_weights = None
+        # Slot by slot: backward runs where a step's memory peaks, so its float32 temporaries stay
+        # [T, H] (forward's [T, K, H] ones are gone by then).
+        weights_TK1 = weights_TK.to(grad_TH.dtype).unsqueeze(-1)
         if ctx.needs_input_grad[0]:
             grad_TKH = rows_RH.new_empty(num_tokens, top_k, rows_RH.shape[-1])
             for slot in range(top_k):
@@ -160,7 +151,7 @@ class _WeightedSum(torch.autograd.Function):
             grad_rows = grad_TKH.view(-1, rows_RH.shape[-1]).index_select(0, order_R)
         if ctx.needs_input_grad[1]:
             rows_TKH = rows_RH.index_select(0, inverse_R).view(num_tokens, top_k, rows_RH.shape[-1])
-            grad_weights = torch.stack([(grad_TH * rows_TKH[:, slot].to(accumulate)).sum(dim=-1)
+            grad_weights = torch.stack([(grad_TH * rows_TKH[:, slot].to(grad_TH.dtype)).sum(dim=-1)
                                         for slot in range(top_k)], dim=1).to(weights_TK.dtype)
         return grad_rows, grad_weights, None, None
 

@@ -205,12 +205,15 @@ def _gate_backward(gate_fn, activation: str, gate_up_RO: torch.Tensor, grad_hidd
     return grad_gate_up_RO
 
 
-# Rows per slice where backward recomputes or rewrites [R, I] tensors piecewise.
-_SLICE_ROWS = 2048
+# Backward recomputes or rewrites [R, I] tensors in at most this many row slices of at least
+# _MIN_SLICE_ROWS rows: the temporaries stay a fraction of [R, I] while the number of kernel
+# launches stays small (on a GPU each slice costs a few launches).
+_SLICES, _MIN_SLICE_ROWS = 4, 1024
 
 
 def _row_slices(num_rows: int):
-    return (slice(start, start + _SLICE_ROWS) for start in range(0, num_rows, _SLICE_ROWS))
+    step = max(_MIN_SLICE_ROWS, -(-num_rows // _SLICES))
+    return (slice(start, start + step) for start in range(0, num_rows, step))
 
 
 def _expert_input_grad(weight_EOK, grad_RO, counts_E, grouped: bool) -> torch.Tensor:
