@@ -19,7 +19,9 @@ What is measured:
            before the clock starts); ``warmup`` steps, then the median of ``steps``. Under EP
            a barrier precedes each step and a step takes as long as its slowest rank.
   GFLOP/s  expert FLOPs only (see FLOP_FORMULA); the router and the permutations are not counted.
-  memory   peak RSS growth: ru_maxrss after the warm-up and measured steps minus the resident
+  memory   peak live bytes (benchmarks/live_bytes.py): the most bytes of tensors alive at once during
+           one more step, counted from the tensors (deterministic; the comparison the issue asks for).
+           Peak RSS growth: ru_maxrss after the warm-up and measured steps minus the resident
            set after setup, with the kernel's high-water mark reset to that resident set first
            (Linux /proc/self/clear_refs), so that setup's own peak does not count. Saved for backward (deterministic): bytes of the tensors
            packed by saved_tensors_hooks in one forward of the layer, summed, and the distinct
@@ -47,6 +49,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
+
+from benchmarks.live_bytes import LiveBytes
 
 HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 512, 1024, 8, 2
 SEED = 0
@@ -241,9 +245,13 @@ def measure(variant: str, dtype_name: str, tokens: int, warmup: int, steps: int,
     timed_steps(subject, warmup, barrier)
     seconds, cpu_seconds = timed_steps(subject, steps, barrier)
     maxrss_after_steps = maxrss_bytes()
+    clear_grads(subject)
+    with LiveBytes() as live:
+        step(subject)
     result = {"rank": rank, "threads": torch.get_num_threads(), "step_s": seconds, "step_cpu_s": cpu_seconds,
               "rss_after_setup_bytes": rss_after_setup, "maxrss_after_steps_bytes": maxrss_after_steps,
               "peak_rss_growth_bytes": maxrss_after_steps - rss_after_setup, "peak_rss_reset_after_setup": peak_reset,
+              "peak_live_bytes": live.peak,
               **saved_for_backward(subject)}
     if subject.experts is not None:
         result["kernel_path"] = subject.experts.last_path
@@ -289,6 +297,10 @@ def layer_rows(results: dict[tuple[str, str], dict], tokens: int) -> list[dict]:
                          "step_s_median": median[variant], "gflops": flops / median[variant] / 1e9,
                          "time_ratio_to_dense_ceiling": median[variant] / median["dense_ceiling"],
                          "time_ratio_to_transformers": median[variant] / median["transformers"],
+                         "peak_live_ratio_to_transformers": result["peak_live_bytes"]
+                         / results["transformers", dtype_name]["peak_live_bytes"],
+                         "saved_ratio_to_transformers": result["saved_bytes_sum"]
+                         / results["transformers", dtype_name]["saved_bytes_sum"],
                          "step_cpu_s_median": statistics.median(result["step_cpu_s"]), "cpu_share": cpu_share(result),
                          **shares(result.get("profile_ms_per_step")), **result})
     return rows
@@ -332,7 +344,8 @@ def print_tables(report: dict) -> None:
     before, after = meta["load_average_1min_before_after"]
     print(f"time: {meta['timing']}; load average (1 min) before/after the run: {before:.2f} / {after:.2f}\n")
     header = (f"{'variant':<14}{'dtype':<6}{'step ms':>9}{'GFLOP/s':>9}{'t/dense':>9}{'t/hf':>7}"
-              f"{'RSS+ MiB':>10}{'saved MiB':>11}{'act MiB':>9}{'disp+comb':>11}{'cpu':>6}  kernel")
+              f"{'live MiB':>10}{'live/hf':>8}{'RSS+ MiB':>10}{'saved MiB':>11}{'saved/hf':>9}{'act MiB':>9}"
+              f"{'disp+comb':>11}{'cpu':>6}  kernel")
     print(header)
     print("-" * len(header))
     for row in report["layer"]:
@@ -340,11 +353,13 @@ def print_tables(report: dict) -> None:
         kernel = row.get("kernel_path") or row.get("experts_implementation") or "dense F.linear"
         print(f"{row['variant']:<14}{row['dtype']:<6}{row['step_s_median'] * 1e3:>9.1f}{row['gflops']:>9.1f}"
               f"{row['time_ratio_to_dense_ceiling']:>9.2f}{row['time_ratio_to_transformers']:>7.2f}"
+              f"{mib(row['peak_live_bytes']):>10}{row['peak_live_ratio_to_transformers']:>8.2f}"
               f"{mib(row['peak_rss_growth_bytes']):>10}{mib(row['saved_bytes_sum']):>11}"
-              f"{mib(row['saved_bytes_activations']):>9}{'' if share is None else f'{share:.1%}':>11}"
+              f"{row['saved_ratio_to_transformers']:>9.2f}{mib(row['saved_bytes_activations']):>9}{'' if share is None else f'{share:.1%}':>11}"
               f"{row['cpu_share']:>6.0%}  {kernel}")
     print("\nt/dense, t/hf: step time / step time of dense_ceiling, of transformers (same dtype; < 1 is faster). "
-          "RSS+: peak RSS growth over setup. saved: bytes saved for backward (all packed tensors; "
+          "live: peak bytes of live tensors in one step (benchmarks/live_bytes.py); live/hf, saved/hf: over "
+          "transformers' (same dtype). RSS+: peak RSS growth over setup (allocator-dependent). saved: bytes saved for backward (all packed tensors; "
           "act: distinct non-parameter storages). disp+comb: autoep.dispatch + autoep.combine, forward. "
           "cpu: CPU time / wall time of the steps (well under 100%: the machine was busy).\n")
     header = (f"{'dtype':<6}{'ep':>3}{'procs':>6}{'step ms':>9}{'us/token':>10}{'t/ep1':>7}{'tok/s all':>11}"
