@@ -79,10 +79,16 @@ def _offsets(counts_E: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts_E, dim=0).to(torch.int32)
 
 
-def _loop_linear(rows_RK: torch.Tensor, weight_EOK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+def _host_counts(counts_E) -> list[int]:
+    """The per-expert row counts as Python ints: a list is used as it is (read once by the caller),
+    a tensor is read back (one device-to-host read)."""
+    return counts_E if isinstance(counts_E, list) else counts_E.tolist()
+
+
+def _loop_linear(rows_RK: torch.Tensor, weight_EOK: torch.Tensor, counts_E) -> torch.Tensor:
     """``F.linear`` of each expert's rows with its weight, one ``mm`` per expert."""
     outputs, start = [], 0
-    for expert, count in enumerate(counts_E.tolist()):
+    for expert, count in enumerate(_host_counts(counts_E)):
         outputs.append(F.linear(rows_RK[start:start + count], weight_EOK[expert]))
         start += count
     if not outputs:
@@ -151,11 +157,14 @@ class _ExpertsMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows_RK, gate_up_EOK, down_EOK, counts_E, grouped, gate_fn, activation):
         linear = _grouped_or_loop(grouped)
-        gate_up_RO = linear(rows_RK, gate_up_EOK, counts_E)
+        # The loop reads the counts back once per step (forward and backward share the list).
+        counts = counts_E if grouped else counts_E.tolist()
+        gate_up_RO = linear(rows_RK, gate_up_EOK, counts)
         hidden_RI = gate_fn(*gate_up_RO.chunk(2, dim=-1))
-        out_RH = linear(hidden_RI, down_EOK, counts_E)
+        out_RH = linear(hidden_RI, down_EOK, counts)
         ctx.save_for_backward(rows_RK, gate_up_EOK, down_EOK, counts_E, gate_up_RO)
         ctx.grouped, ctx.gate_fn, ctx.activation, ctx.consumed = grouped, gate_fn, activation, False
+        ctx.host_counts = None if grouped else counts
         return out_RH
 
     @staticmethod
@@ -168,6 +177,7 @@ class _ExpertsMLP(torch.autograd.Function):
                 "their backward runs once per forward; run the forward again for another backward.")
         rows_RK, gate_up_EOK, down_EOK, counts_E, gate_up_RO = ctx.saved_tensors
         grouped = ctx.grouped
+        counts_E = counts_E if grouped else ctx.host_counts
         grad_RH = grad_RH.contiguous()
         # d down = d out^T hidden per expert, with hidden recomputed slice by slice (no [R, I] temporary
         # beside it); then d hidden = d out down, once hidden is gone.
@@ -221,7 +231,7 @@ def _expert_input_grad(weight_EOK, grad_RO, counts_E, grouped: bool) -> torch.Te
     if grouped:
         return F.grouped_mm(grad_RO, weight_EOK, offs=_offsets(counts_E))
     grad_rows, start = grad_RO.new_empty(grad_RO.shape[0], weight_EOK.shape[2]), 0
-    for expert, count in enumerate(counts_E.tolist()):
+    for expert, count in enumerate(_host_counts(counts_E)):
         grad_rows[start:start + count] = grad_RO[start:start + count] @ weight_EOK[expert]
         start += count
     return grad_rows
@@ -231,9 +241,9 @@ def _expert_weight_grad(rows_RK, grad_RO, counts_E, grouped: bool) -> torch.Tens
     """d W_e = d out^T rows per expert, ``[E, out, in]``."""
     if grouped:
         return F.grouped_mm(grad_RO.t(), rows_RK, offs=_offsets(counts_E))
-    grad_weight = grad_RO.new_zeros(counts_E.shape[0], grad_RO.shape[1], rows_RK.shape[1])
+    grad_weight = grad_RO.new_zeros(len(_host_counts(counts_E)), grad_RO.shape[1], rows_RK.shape[1])
     start = 0
-    for expert, count in enumerate(counts_E.tolist()):
+    for expert, count in enumerate(_host_counts(counts_E)):
         grad_weight[expert] = grad_RO[start:start + count].t() @ rows_RK[start:start + count]
         start += count
     return grad_weight

@@ -39,7 +39,8 @@ Where the syncs come from, and the plan to remove them (the counts are measured 
   split sizes as Python lists), (3) ``int(counts_ES.sum())`` (the output size of the expert-major
   permutation). The backward reuses the lists: no sync.
 - the "eager" experts implementation (a per-expert loop, also grouped_mm's fallback for unaligned
-  widths) reads ``counts_E.tolist()`` once per expert linear (autoep/experts.py ``_loop_linear``).
+  widths) reads ``counts_E.tolist()`` once per step (autoep/experts.py ``_ExpertsMLP.forward``; its
+  backward reuses the list).
 
 Plan: (a) one read instead of three: stack the send counts and the received counts into one int64
 tensor, copy it to pinned host memory with ``non_blocking=True`` and an event, and take the total
