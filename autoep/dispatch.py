@@ -94,8 +94,12 @@ def sort_by_expert(hidden_TH: torch.Tensor, expert_ids_TK: torch.Tensor, num_exp
 
 def unsort(rows_RH: torch.Tensor, routing: LocalRouting) -> torch.Tensor:
     """Inverse of :func:`sort_by_expert`: returns ``[T, K, H]`` in token/slot order."""
-    rows_RH = rows_RH.index_select(0, routing.inverse_R)
-    return rows_RH.view(routing.num_tokens, routing.top_k, rows_RH.shape[-1])
+    return _token_major(rows_RH, routing.inverse_R, routing.top_k)
+
+
+def _token_major(rows_RH: torch.Tensor, inverse_R: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Expert-sorted rows gathered back into token/slot order, ``[T, K, H]``."""
+    return rows_RH.index_select(0, inverse_R).view(-1, top_k, rows_RH.shape[-1])
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -117,8 +121,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_RH):
         (inverse_R,) = ctx.saved_tensors
-        grad_TKH = grad_RH.index_select(0, inverse_R).view(-1, ctx.top_k, grad_RH.shape[-1])
-        grad_TH = grad_TKH.to(_accumulation_dtype(grad_RH.dtype)).sum(dim=1)
+        grad_TH = _token_major(grad_RH, inverse_R, ctx.top_k).to(_accumulation_dtype(grad_RH.dtype)).sum(dim=1)
         return grad_TH.to(grad_RH.dtype), None, None, None
 
 
@@ -130,9 +133,8 @@ class _WeightedSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows_RH, weights_TK, order_R, inverse_R):
-        num_tokens, top_k = weights_TK.shape
         accumulate = _accumulation_dtype(rows_RH.dtype)
-        rows_TKH = rows_RH.index_select(0, inverse_R).view(num_tokens, top_k, rows_RH.shape[-1])
+        rows_TKH = _token_major(rows_RH, inverse_R, weights_TK.shape[1])
         ctx.save_for_backward(rows_RH, weights_TK, order_R, inverse_R)
         return (rows_TKH.to(accumulate) * weights_TK.to(accumulate).unsqueeze(-1)).sum(dim=1)
 
@@ -150,7 +152,7 @@ class _WeightedSum(torch.autograd.Function):
                 grad_TKH[:, slot] = grad_TH * weights_TK1[:, slot]
             grad_rows = grad_TKH.view(-1, rows_RH.shape[-1]).index_select(0, order_R)
         if ctx.needs_input_grad[1]:
-            rows_TKH = rows_RH.index_select(0, inverse_R).view(num_tokens, top_k, rows_RH.shape[-1])
+            rows_TKH = _token_major(rows_RH, inverse_R, top_k)
             grad_weights = torch.stack([(grad_TH * rows_TKH[:, slot].to(grad_TH.dtype)).sum(dim=-1)
                                         for slot in range(top_k)], dim=1).to(weights_TK.dtype)
         return grad_rows, grad_weights, None, None

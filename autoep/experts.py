@@ -101,6 +101,12 @@ def _loop_linear(rows_RK: torch.Tensor, weight_EOK: torch.Tensor, counts_E) -> t
 @torch.library.custom_op("autoep::expert_linear", mutates_args=())
 def expert_linear(rows_RK: torch.Tensor, weight_EOK: torch.Tensor, counts_E: torch.Tensor,
                   grouped: bool) -> torch.Tensor:
+    return _expert_linear_impl(rows_RK, weight_EOK, counts_E, grouped)
+
+
+def _expert_linear_impl(rows_RK, weight_EOK, counts_E, grouped: bool) -> torch.Tensor:
+    """Each expert's rows times its weight: grouped_mm (counts a tensor) or the loop (counts a
+    tensor or the list already read back)."""
     if grouped:
         return F.grouped_mm(rows_RK, weight_EOK.transpose(-2, -1), offs=_offsets(counts_E))
     return _loop_linear(rows_RK, weight_EOK, counts_E)
@@ -120,6 +126,7 @@ def expert_linear_backward(rows_RK: torch.Tensor, weight_EOK: torch.Tensor, coun
 
 def _expert_linear_backward_impl(rows_RK, weight_EOK, counts_E, grad_RO, grouped: bool):
     grad_RO = grad_RO.contiguous()
+    counts_E = counts_E if grouped else _host_counts(counts_E)  # the loop reads the counts once
     return (_expert_input_grad(weight_EOK, grad_RO, counts_E, grouped),
             _expert_weight_grad(rows_RK, grad_RO, counts_E, grouped))
 
@@ -156,12 +163,11 @@ class _ExpertsMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows_RK, gate_up_EOK, down_EOK, counts_E, grouped, gate_fn, activation):
-        linear = _grouped_or_loop(grouped)
         # The loop reads the counts back once per step (forward and backward share the list).
         counts = counts_E if grouped else counts_E.tolist()
-        gate_up_RO = linear(rows_RK, gate_up_EOK, counts)
+        gate_up_RO = _expert_linear_impl(rows_RK, gate_up_EOK, counts, grouped)
         hidden_RI = gate_fn(*gate_up_RO.chunk(2, dim=-1))
-        out_RH = linear(hidden_RI, down_EOK, counts)
+        out_RH = _expert_linear_impl(hidden_RI, down_EOK, counts, grouped)
         ctx.save_for_backward(rows_RK, gate_up_EOK, down_EOK, counts_E, gate_up_RO)
         ctx.grouped, ctx.gate_fn, ctx.activation, ctx.consumed = grouped, gate_fn, activation, False
         ctx.host_counts = None if grouped else counts
@@ -241,19 +247,13 @@ def _expert_weight_grad(rows_RK, grad_RO, counts_E, grouped: bool) -> torch.Tens
     """d W_e = d out^T rows per expert, ``[E, out, in]``."""
     if grouped:
         return F.grouped_mm(grad_RO.t(), rows_RK, offs=_offsets(counts_E))
-    grad_weight = grad_RO.new_zeros(len(_host_counts(counts_E)), grad_RO.shape[1], rows_RK.shape[1])
+    counts = _host_counts(counts_E)
+    grad_weight = grad_RO.new_zeros(len(counts), grad_RO.shape[1], rows_RK.shape[1])
     start = 0
-    for expert, count in enumerate(_host_counts(counts_E)):
+    for expert, count in enumerate(counts):
         grad_weight[expert] = grad_RO[start:start + count].t() @ rows_RK[start:start + count]
         start += count
     return grad_weight
-
-
-def _grouped_or_loop(grouped: bool):
-    if grouped:
-        return lambda rows_RK, weight_EOK, counts_E: F.grouped_mm(rows_RK, weight_EOK.transpose(-2, -1),
-                                                                  offs=_offsets(counts_E))
-    return _loop_linear
 
 
 def _batched_linear(rows_RK: torch.Tensor, weight_EOK: torch.Tensor, expert_R: torch.Tensor) -> torch.Tensor:

@@ -186,6 +186,14 @@ def saved_for_backward(subject: Subject) -> dict:
     return {"saved_bytes_sum": total, "saved_bytes_activations": sum(activations.values())}
 
 
+def peak_live_bytes(subject: Subject) -> int:
+    """The most bytes of tensors alive at once during one step (gradients cleared first)."""
+    clear_grads(subject)
+    with LiveBytes() as live:
+        step(subject)
+    return live.peak
+
+
 def profile_labels(subject: Subject, count: int, barrier: bool) -> dict:
     """Milliseconds per step inside each autoep label, and the profiled step itself."""
     import torch.distributed as dist
@@ -245,13 +253,11 @@ def measure(variant: str, dtype_name: str, tokens: int, warmup: int, steps: int,
     timed_steps(subject, warmup, barrier)
     seconds, cpu_seconds = timed_steps(subject, steps, barrier)
     maxrss_after_steps = maxrss_bytes()
-    clear_grads(subject)
-    with LiveBytes() as live:
-        step(subject)
+    live_peak = peak_live_bytes(subject)
     result = {"rank": rank, "threads": torch.get_num_threads(), "step_s": seconds, "step_cpu_s": cpu_seconds,
               "rss_after_setup_bytes": rss_after_setup, "maxrss_after_steps_bytes": maxrss_after_steps,
               "peak_rss_growth_bytes": maxrss_after_steps - rss_after_setup, "peak_rss_reset_after_setup": peak_reset,
-              "peak_live_bytes": live.peak,
+              "peak_live_bytes": live_peak,
               **saved_for_backward(subject)}
     if subject.experts is not None:
         result["kernel_path"] = subject.experts.last_path
