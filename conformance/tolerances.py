@@ -59,8 +59,16 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     # (Qwen3.5's dt_bias has 4 elements; with world 4 the subject measured 2.07x Transformers'
     # error on it while both stayed near 2% relative), so the baseline error of a tensor is the
     # larger of its own and Transformers' median relative error over all gradient tensors.
+    # Transformers' is not the only legitimate bf16 rounding: the reference math run at the model's
+    # precision (MoE blocks in float64, rounded to bf16 once, as AutoEP's float32 combine does)
+    # is another, and the two can part by 5x on a tensor whose gradient is a cancelling sum
+    # (5.16.1 Qwen3.5 top-4, seed 0: dt_bias of layer 0 at 1.5% for Transformers, 8.1% for the
+    # reference at bf16, 8.2% for AutoEP). So the baseline of each tensor is whichever of the two
+    # lies farther from the oracle (conformance.equivalence.farther_run); a routing mistake still
+    # moves the subject far beyond both, which are exact math up to rounding.
     ("bfloat16", "single"): Tolerance(1e-2, 0.0, "bf16: relative L2 error vs a float32 oracle <= max(1e-2, "
-                                      "2 x Transformers' own bf16 error)", "norm", baseline_factor=2.0),
+                                      "2 x the bf16 error of Transformers or of the reference at bf16)", "norm",
+                                      baseline_factor=2.0),
     ("bfloat16", "multi"): Tolerance(1e-2, 0.0, "as bf16 single-process; reductions run in float32", "norm",
                                      baseline_factor=2.0),
     ("any", "checkpoint"): Tolerance(0.0, 0.0, "checkpoints store the same bits"),

@@ -90,3 +90,38 @@ def test_tolerance_detects_a_wrong_layer():
 
     result = model_equivalence(CASES_BY_ID["deepseek_v3"], ScaledSubject(), torch.float32)
     assert not result.ok
+
+
+def test_farther_run_takes_each_tensor_from_the_run_farther_from_the_oracle():
+    """The bf16 baseline: per tensor, whichever legitimate bf16 run lies farther from the oracle."""
+    from conformance.equivalence import RunOutput, farther_run
+
+    oracle = RunOutput(torch.zeros(2), torch.tensor(1.0), None, {"a": torch.zeros(3), "b": torch.zeros(3)})
+    near = RunOutput(torch.full((2,), 0.1), torch.tensor(1.5), None, {"a": torch.full((3,), 0.1),
+                                                                     "b": torch.full((3,), 0.9)})
+    far = RunOutput(torch.full((2,), 0.2), torch.tensor(1.1), None, {"a": torch.full((3,), 0.5),
+                                                                    "b": torch.full((3,), 0.2)})
+    picked = farther_run([near, far], oracle)
+    assert torch.equal(picked.logits, far.logits) and torch.equal(picked.loss, near.loss)
+    assert torch.equal(picked.grads["a"], far.grads["a"]) and torch.equal(picked.grads["b"], near.grads["b"])
+    assert picked.aux_loss is None
+
+
+@pytest.mark.parametrize("case_id", ["deepseek_v3", "qwen3_5_moe-top4"])
+def test_bf16_bound_still_detects_a_wrong_layer(case_id):
+    """With the two-baseline bf16 bound (Transformers, and the reference at bf16), a routed scale
+    off by 5% is still caught."""
+    import autoep
+
+    class ScaledSubject:
+        name = "broken"
+
+        def unavailable_reason(self):
+            return None
+
+        def apply(self, model, block):
+            autoep.apply(model, {**block, "routed_scaling_factor": 1.05})
+            return model
+
+    result = model_equivalence(CASES_BY_ID[case_id], ScaledSubject(), torch.bfloat16)
+    assert not result.ok
