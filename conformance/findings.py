@@ -30,6 +30,9 @@ class Finding:
     applies: Callable[[dict], bool]  # on a cell record (transformers, case, zero_stage, resume, ...)
     signature: str | None  # regex searched in the failure detail (None: numeric, see ``applies``)
     reproduced_by: str
+    # A peer failure confined to the aux loss: its training cells are run again with the aux
+    # coefficient 0, and the label stands only if that run passes (else the cell is unclassified).
+    judged_without_aux: bool = False
 
     def matches(self, record: dict) -> bool:
         if not self.applies(record):
@@ -141,6 +144,17 @@ FINDINGS = [
             _zero0_expert_parallel_training,
             None,
             TEST + "test_ds6_zero0_clips_by_the_mean_of_local_norms_under_expert_parallelism"),
+    Finding("DS-7", "peer failure", "deepspeed",
+            "DeepSpeed's Qwen3.5 preset adapter leaves router_logits_capture_mode at its default 'post_score', so "
+            "its layer puts softmax probabilities in the router_logits slot where Transformers records the raw "
+            "logits (Qwen3_5MoeTopKRouter output 0); load_balancing_loss_func softmaxes them again: the aux loss is "
+            "wrong (2.0007 vs 2.0086, one process, seed 0) while logits match to 2e-6",
+            "Transformers 5.3-5.22 (measured on 5.16.1, 5.20.2 and 5.22.2; 5.0-5.2 record probabilities, so "
+            "DeepSpeed agrees there; on >= 5.23 DS-1 fails first); qwen3_5_moe cases",
+            lambda r: Version("5.3") <= _version(r) < Version("5.23") and r["case"].startswith("qwen3_5_moe"),
+            None,
+            TEST + "test_ds7_qwen3_5_records_probabilities_where_transformers_records_logits",
+            judged_without_aux=True),
     # TorchTitan 0.3.0's MoE replacement (conformance/titan.py), measured on Transformers 5.24.0.
     Finding("TT-1", "peer failure", "torchtitan",
             "TorchTitan's MoE swaps out the Transformers router module that the output recorder hooks, so no "
@@ -222,6 +236,14 @@ def label(record: dict, cell, subject) -> dict:
         if cell.zero_stage != "none" and cell.resume is None:
             return _judged_without_aux_loss(record, cell, subject, semantic)
         finding = semantic  # a checkpoint cell: labelled, not run again without the aux loss
+    if finding is not None and finding.judged_without_aux and cell.zero_stage != "none" and cell.resume is None:
+        judged = _judged_without_aux_loss(record, cell, subject, finding)
+        if judged["status"] == "pass":
+            return {"finding": finding.id, "findings": judged["findings"][:-1] + [
+                f"{finding.text()}; with the aux coefficient 0 the cell passes"]}
+        return {"finding": None, "findings": record.get("findings", []) + [
+            f"unclassified peer failure: {finding.id} would explain the aux loss, but with the aux coefficient 0 "
+            f"the cell still fails: {judged.get('detail', '')[:300]}"]}
     if finding is None:
         return {"finding": None, "findings": record.get("findings", []) + ["unclassified peer failure"]}
     return {"finding": finding.id, "findings": record.get("findings", []) + [finding.text()]}

@@ -164,6 +164,37 @@ def test_nox_passes_the_device_on():
     sys.path.insert(0, str(REPO))
     import noxfile
 
-    assert noxfile._device(["--profile", "smoke", "--device", "cuda"]) == "cuda"
-    assert noxfile._device(["--device=cuda"]) == "cuda"
-    assert noxfile._device(["--profile", "smoke"]) == "cpu"
+    assert noxfile._option(["--profile", "smoke", "--device", "cuda"], "--device", "cpu") == "cuda"
+    assert noxfile._option(["--device=cuda"], "--device", "cpu") == "cuda"
+    assert noxfile._option(["--profile", "smoke"], "--device", "cpu") == "cpu"
+    assert noxfile._option(["--out", "/tmp/x", "--device", "cuda"], "--out") == "/tmp/x"
+
+
+def test_nox_conformance_runs_the_peer_after_an_autoep_failure_and_then_takes_the_verdict():
+    """An autoep failure (exit 1) must not stop the DeepSpeed run of that version: both runs accept
+    exit 1, and the last step (the report) fails the session when any autoep cell failed."""
+    pytest.importorskip("nox")
+    sys.path.insert(0, str(REPO))
+    import noxfile
+
+    class Session:
+        posargs = ["--profile", "smoke", "--out", "/tmp/o"]
+        env: dict = {}
+        virtualenv = type("V", (), {"location": "/tmp/venv"})()
+        calls: list = []
+
+        def install(self, *args, **kwargs):
+            pass
+
+        def skip(self, why):
+            raise AssertionError(why)
+
+        def run(self, *args, **kwargs):
+            self.calls.append((args, kwargs))
+
+    session = Session()
+    noxfile.conformance(session, noxfile.NEWEST)
+    runs = [(args[3:], kwargs.get("success_codes")) for args, kwargs in session.calls]
+    assert runs[0][0][0] == "run" and "--subject" not in runs[0][0] and runs[0][1] == [0, 1]
+    assert runs[1][0][:3] == ("run", "--subject", "deepspeed") and runs[1][1] == [0, 1]
+    assert runs[2] == (("report", "--profile", "smoke", "--out", "/tmp/o"), None)

@@ -189,6 +189,69 @@ def test_ds3_deepseek_v2_greedy_routes_group_limited_when_n_group_above_1():
             assert diff > 0.05, f"{case_id}: logits off by only {diff:.3g}: DS-3 no longer reproduces"
 
 
+# --- DS-7: Qwen3.5's router_logits slot holds probabilities under DeepSpeed ---------------------
+
+def test_ds7_qwen3_5_records_probabilities_where_transformers_records_logits():
+    """DeepSpeed's Qwen3.5 adapter keeps the 'post_score' capture mode (softmax probabilities)
+    while Transformers' recorder takes the router's output 0, the raw logits. Where the engine
+    can be built (5.3-5.22): logits match the stock model, the aux loss is exactly the stock
+    load_balancing_loss_func of the softmaxed logits, and with the aux coefficient 0 the
+    training cell matches the reference."""
+    _needs_peer()
+    from deepspeed.module_inject.auto_ep_presets.base import ForwardContract
+    from deepspeed.module_inject.auto_ep_presets.qwen3_5_moe import Qwen35MoePresetAdapter
+    from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as qwen3_5
+
+    assert Qwen35MoePresetAdapter().adjust_forward_contract(ForwardContract()).router_logits_capture_mode \
+        == "post_score"
+    stock = CASES_BY_ID["qwen3_5_moe"].build(seed=0)
+    if TRANSFORMERS < Version("5.3"):
+        pytest.skip("Transformers 5.0-5.2 record probabilities too: DeepSpeed agrees there")
+    recorders = [(getattr(module, "_can_record_outputs", None) or {}).get("router_logits")
+                 for module in stock.modules()]
+    recorder = next(r for r in recorders if r is not None)
+    assert recorder.target_class is qwen3_5.Qwen3_5MoeTopKRouter and recorder.index == 0
+    router = next(m for m in stock.modules() if isinstance(m, qwen3_5.Qwen3_5MoeTopKRouter))
+    hidden = torch.randn(5, stock.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # output 0 is the raw gate projection, not probabilities
+        assert torch.equal(router(hidden)[0], torch.nn.functional.linear(hidden, router.weight))
+    if TRANSFORMERS >= Version("5.23"):
+        pytest.skip("on Transformers >= 5.23 DeepSpeed's engine is not built (DS-1)")
+    ids = _ids("qwen3_5_moe")
+    got = launch.run(2, forward_on_rank, "qwen3_5_moe", "deepspeed", 1, 2, ids)[0]
+    assert "error" not in got, got
+    with torch.no_grad():
+        want = stock(input_ids=ids, labels=ids, output_router_logits=True)
+    tol = tolerance(torch.float32, "multi")
+    assert torch.allclose(got["logits"], want.logits, rtol=tol.rtol, atol=tol.atol)
+    text = stock.config.get_text_config()
+    as_deepspeed = qwen3_5.load_balancing_loss_func(tuple(torch.softmax(l, dim=-1) for l in want.router_logits),
+                                                    text.num_experts, text.num_experts_per_tok)
+    assert abs(got["aux_loss"] - float(want.aux_loss)) > 1e-3, (got["aux_loss"], float(want.aux_loss))
+    assert abs(got["aux_loss"] - float(as_deepspeed)) <= 1e-5, (got["aux_loss"], float(as_deepspeed))
+    setup = TrainingSetup(2, 2, steps=1, aux_loss_coef=0.0)
+    failures = _failures(compare_training(CASES_BY_ID["qwen3_5_moe"], DEEPSPEED, torch.float32, setup, 2))
+    assert not failures, failures
+
+
+def test_ds7_labels_a_qwen3_5_cell_only_if_it_passes_without_the_aux_loss(monkeypatch):
+    """A DS-7 label stands on a rerun with the aux coefficient 0 that passes; a rerun that still
+    fails leaves the cell unclassified (the aux loss does not explain all of it)."""
+    class Cell:
+        zero_stage, resume, case, world_size, autoep_size = 2, None, "qwen3_5_moe", 4, 2
+
+    record = _record("qwen3_5_moe", "per-step loss: max|diff|=0.0151 (OUT OF TOLERANCE)", "5.22.2")
+    assert classify(record).id == "DS-7"
+    assert classify(_record("qwen3_5_moe", record["detail"], "5.2.0")) is None
+    for rerun, finding in (({"status": "pass", "detail": ""}, "DS-7"),
+                           ({"status": "fail", "detail": "param x: max|diff|=1 (OUT OF TOLERANCE)"}, None)):
+        monkeypatch.setattr(findings, "_judged_without_aux_loss",
+                            lambda record, cell, subject, found, rerun=rerun: {**rerun, "findings": ["x"]})
+        labelled = label(dict(record), Cell, DEEPSPEED)
+        assert labelled["finding"] == finding, labelled
+        assert ("passes" in labelled["findings"][-1]) == (finding is not None), labelled
+
+
 # --- DS-4: ZeRO-3 Universal load shares one step tensor -----------------------------------------
 
 def save_on_rank(folder: str) -> None:
