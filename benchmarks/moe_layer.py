@@ -6,6 +6,10 @@ dense ceiling, then autoep under expert parallelism (autoep_size=2 on 2 gloo pro
 Shapes: H=512, I=1024, E=8 experts, top-2, 4096 tokens per process; fp32 and bf16; one
 thread per process. Every measurement runs in a fresh process (``autoep.launch.RankPool``).
 
+The limit, in the same run: the raw GEMM throughput of this machine (one ``torch.mm``, one
+thread, the best of GEMM_SHAPES, per dtype); every variant's GFLOP/s is also given as a fraction
+of it.
+
 Variants at autoep_size=1:
   autoep         the block after ``autoep.apply(model, {"autoep_size": 1, "preset_model": "mixtral"})``
   transformers   the original MixtralSparseMoeBlock, with Transformers' default experts implementation
@@ -266,15 +270,50 @@ def measure(variant: str, dtype_name: str, tokens: int, warmup: int, steps: int,
     return result
 
 
+# Candidate shapes (M, K, N) of one torch.mm for the raw GEMM limit: the layer's own three GEMMs at
+# the routed-row count (gate_up: R x H x 2I, down: R x I x H, and a backward one, R x H x I
+# transposed), and square ones that keep AMX tiles fed. The limit is the best of them.
+GEMM_SHAPES = ("routed_gate_up", "routed_down", "square_1024", "square_2048")
+
+
+def _gemm_shape(name: str, rows: int) -> tuple[int, int, int]:
+    return {"routed_gate_up": (rows, HIDDEN, 2 * INTERMEDIATE), "routed_down": (rows, INTERMEDIATE, HIDDEN),
+            "square_1024": (1024, 1024, 1024), "square_2048": (2048, 2048, 2048)}[name]
+
+
+def measure_gemm_limit(dtype_name: str, tokens: int, warmup: int, steps: int, **_ignored) -> dict:
+    """Rank side: this machine's raw GEMM throughput, one thread: ``torch.mm`` on each of
+    GEMM_SHAPES (inputs of ``dtype``, its output dtype), ``warmup`` calls then the median of
+    ``steps``; the best shape is the physical limit every variant is set against."""
+    torch.set_num_threads(1)
+    dtype = DTYPES[dtype_name]
+    generator = torch.Generator().manual_seed(SEED)
+    shapes = {}
+    for name in GEMM_SHAPES:
+        m, k, n = _gemm_shape(name, tokens * TOP_K)
+        a, b = torch.randn(m, k, generator=generator).to(dtype), torch.randn(k, n, generator=generator).to(dtype)
+        seconds = []
+        for index in range(warmup + max(steps, 3)):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            if index >= warmup:
+                seconds.append(time.perf_counter() - start)
+        median = statistics.median(seconds)
+        shapes[name] = {"m": m, "k": k, "n": n, "seconds_median": median, "gflops": 2 * m * k * n / median / 1e9}
+    best = max(shapes, key=lambda name: shapes[name]["gflops"])
+    return {"threads": torch.get_num_threads(), "shapes": shapes, "best_shape": best,
+            "gflops": shapes[best]["gflops"]}
+
+
 # ----------------------------------------------------------------------------- parent side
 
 
-def run_fresh(world_size: int, **kwargs) -> list[dict]:
-    """``measure`` on a new pool of ``world_size`` processes, closed afterwards."""
+def run_fresh(world_size: int, target: str = "measure", **kwargs) -> list[dict]:
+    """``target`` (``measure`` by default) on a new pool of ``world_size`` processes, closed afterwards."""
     from autoep.launch import RankPool
 
     with RankPool(world_size) as pool:
-        return pool.run("benchmarks.moe_layer:measure", timeout=RUN_TIMEOUT_S, **kwargs)
+        return pool.run(f"benchmarks.moe_layer:{target}", timeout=RUN_TIMEOUT_S, **kwargs)
 
 
 def shares(profile_ms: dict | None) -> dict:
@@ -292,15 +331,18 @@ def cpu_share(result: dict) -> float:
     return sum(result["step_cpu_s"]) / sum(result["step_s"])
 
 
-def layer_rows(results: dict[tuple[str, str], dict], tokens: int) -> list[dict]:
+def layer_rows(results: dict[tuple[str, str], dict], tokens: int, limits: dict[str, dict]) -> list[dict]:
+    """One row per variant and dtype; ``limits``: measure_gemm_limit's result per dtype."""
     flops = expert_flops(tokens * TOP_K)
     rows = []
     for dtype_name in DTYPES:
         median = {variant: statistics.median(results[variant, dtype_name]["step_s"]) for variant in VARIANTS}
         for variant in VARIANTS:
             result = results[variant, dtype_name]
+            gflops = flops / median[variant] / 1e9
             rows.append({"variant": variant, "dtype": dtype_name, "autoep_size": 1, "tokens": tokens,
-                         "step_s_median": median[variant], "gflops": flops / median[variant] / 1e9,
+                         "step_s_median": median[variant], "gflops": gflops,
+                         "fraction_of_gemm_limit": gflops / limits[dtype_name]["gflops"],
                          "time_ratio_to_dense_ceiling": median[variant] / median["dense_ceiling"],
                          "time_ratio_to_transformers": median[variant] / median["transformers"],
                          "peak_live_ratio_to_transformers": result["peak_live_bytes"]
@@ -349,7 +391,13 @@ def print_tables(report: dict) -> None:
     print(f"{meta['flop_formula']} = {meta['expert_flops_per_step'] / 1e9:.2f} GFLOP per step")
     before, after = meta["load_average_1min_before_after"]
     print(f"time: {meta['timing']}; load average (1 min) before/after the run: {before:.2f} / {after:.2f}\n")
-    header = (f"{'variant':<14}{'dtype':<6}{'step ms':>9}{'GFLOP/s':>9}{'t/dense':>9}{'t/hf':>7}"
+    for dtype_name, limit in report["gemm_limit"].items():
+        best = limit["shapes"][limit["best_shape"]]
+        tried = ", ".join(f"{name} {shape['gflops']:.0f}" for name, shape in limit["shapes"].items())
+        print(f"raw GEMM limit {dtype_name}: {limit['gflops']:.1f} GFLOP/s (torch.mm, one thread; {tried}; "
+              f"best {limit['best_shape']} {best['m']}x{best['k']}x{best['n']})")
+    print()
+    header = (f"{'variant':<14}{'dtype':<6}{'step ms':>9}{'GFLOP/s':>9}{'/limit':>8}{'t/dense':>9}{'t/hf':>7}"
               f"{'live MiB':>10}{'live/hf':>8}{'RSS+ MiB':>10}{'saved MiB':>11}{'saved/hf':>9}{'act MiB':>9}"
               f"{'disp+comb':>11}{'cpu':>6}  kernel")
     print(header)
@@ -358,12 +406,13 @@ def print_tables(report: dict) -> None:
         share = row.get("dispatch_combine_forward_share")
         kernel = row.get("kernel_path") or row.get("experts_implementation") or "dense F.linear"
         print(f"{row['variant']:<14}{row['dtype']:<6}{row['step_s_median'] * 1e3:>9.1f}{row['gflops']:>9.1f}"
+              f"{row['fraction_of_gemm_limit']:>8.0%}"
               f"{row['time_ratio_to_dense_ceiling']:>9.2f}{row['time_ratio_to_transformers']:>7.2f}"
               f"{mib(row['peak_live_bytes']):>10}{row['peak_live_ratio_to_transformers']:>8.2f}"
               f"{mib(row['peak_rss_growth_bytes']):>10}{mib(row['saved_bytes_sum']):>11}"
               f"{row['saved_ratio_to_transformers']:>9.2f}{mib(row['saved_bytes_activations']):>9}{'' if share is None else f'{share:.1%}':>11}"
               f"{row['cpu_share']:>6.0%}  {kernel}")
-    print("\nt/dense, t/hf: step time / step time of dense_ceiling, of transformers (same dtype; < 1 is faster). "
+    print("\n/limit: GFLOP/s over the raw GEMM limit of the same dtype (above). t/dense, t/hf: step time / step time of dense_ceiling, of transformers (same dtype; < 1 is faster). "
           "live: peak bytes of live tensors in one step (benchmarks/live_bytes.py); live/hf, saved/hf: over "
           "transformers' (same dtype). RSS+: peak RSS growth over setup (allocator-dependent). saved: bytes saved for backward (all packed tensors; "
           "act: distinct non-parameter storages). disp+comb: autoep.dispatch + autoep.combine, forward. "
@@ -400,6 +449,10 @@ def main(argv: list[str] | None = None) -> dict:
         for variant in VARIANTS:
             print(f"measuring {variant} {dtype_name} ...", file=sys.stderr, flush=True)
             layer_results[variant, dtype_name] = run_fresh(1, variant=variant, dtype_name=dtype_name, **plan)[0]
+    limits = {}
+    for dtype_name in DTYPES:
+        print(f"measuring the raw GEMM limit {dtype_name} ...", file=sys.stderr, flush=True)
+        limits[dtype_name] = run_fresh(1, target="measure_gemm_limit", dtype_name=dtype_name, **plan)[0]
     for dtype_name in DTYPES:
         if layer_results["autoep", dtype_name]["kernel_path"] != "grouped_mm":
             print(f"warning: autoep {dtype_name} ran {layer_results['autoep', dtype_name]['kernel_path']!r}, "
@@ -410,7 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"measuring autoep_size={autoep_size} on 2 processes, {dtype_name} ...", file=sys.stderr, flush=True)
             ep_results[autoep_size, dtype_name] = run_fresh(2, variant="autoep", dtype_name=dtype_name,
                                                             autoep_size=autoep_size, **plan)
-    layer = layer_rows(layer_results, plan["tokens"])
+    layer = layer_rows(layer_results, plan["tokens"], limits)
     ep1 = {row["dtype"]: row["step_s_median"] for row in layer if row["variant"] == "autoep"}
     report = {
         "meta": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -423,6 +476,7 @@ def main(argv: list[str] | None = None) -> dict:
                             "EP: barrier before each step, slowest rank"),
                  "plan": plan, "quick": args.quick,
                  "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]]},
+        "gemm_limit": limits,
         "layer": layer,
         "expert_parallel": expert_parallel_rows(ep_results, ep1, plan["tokens"]),
     }
