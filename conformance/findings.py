@@ -239,7 +239,7 @@ def label(record: dict, cell, subject) -> dict:
     if finding is not None and finding.judged_without_aux and cell.zero_stage != "none" and cell.resume is None:
         judged = _judged_without_aux_loss(record, cell, subject, finding)
         if judged["status"] == "pass":
-            return {"finding": finding.id, "findings": judged["findings"][:-1] + [
+            return {"finding": finding.id, "findings": record.get("findings", []) + [
                 f"{finding.text()}; with the aux coefficient 0 the cell passes"]}
         return {"finding": None, "findings": record.get("findings", []) + [
             f"unclassified peer failure: {finding.id} would explain the aux loss, but with the aux coefficient 0 "

@@ -74,21 +74,26 @@ def test_float64_layer_equals_float64_reference():
         assert all(c.max_abs_diff <= tol.atol + 1e-9 for c in comparisons), comparisons
 
 
+class ScaledSubject:
+    """A broken subject: autoep with its routed scale multiplied by ``factor``."""
+    name = "broken"
+
+    def __init__(self, factor: float):
+        self.factor = factor
+
+    def unavailable_reason(self):
+        return None
+
+    def apply(self, model, block):
+        import autoep
+
+        autoep.apply(model, {**block, "routed_scaling_factor": self.factor})
+        return model
+
+
 def test_tolerance_detects_a_wrong_layer():
     """The suite can fail: a layer whose routing scale is off by 1% is caught."""
-    import autoep
-
-    class ScaledSubject:
-        name = "broken"
-
-        def unavailable_reason(self):
-            return None
-
-        def apply(self, model, block):
-            autoep.apply(model, {**block, "routed_scaling_factor": 1.01})
-            return model
-
-    result = model_equivalence(CASES_BY_ID["deepseek_v3"], ScaledSubject(), torch.float32)
+    result = model_equivalence(CASES_BY_ID["deepseek_v3"], ScaledSubject(1.01), torch.float32)
     assert not result.ok
 
 
@@ -111,17 +116,5 @@ def test_farther_run_takes_each_tensor_from_the_run_farther_from_the_oracle():
 def test_bf16_bound_still_detects_a_wrong_layer(case_id):
     """With the two-baseline bf16 bound (Transformers, and the reference at bf16), a routed scale
     off by 5% is still caught."""
-    import autoep
-
-    class ScaledSubject:
-        name = "broken"
-
-        def unavailable_reason(self):
-            return None
-
-        def apply(self, model, block):
-            autoep.apply(model, {**block, "routed_scaling_factor": 1.05})
-            return model
-
-    result = model_equivalence(CASES_BY_ID[case_id], ScaledSubject(), torch.bfloat16)
+    result = model_equivalence(CASES_BY_ID[case_id], ScaledSubject(1.05), torch.bfloat16)
     assert not result.ok
