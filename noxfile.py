@@ -6,7 +6,8 @@
     nox -s tests         the unit tests (newest pinned Transformers)
     nox -s findings      each DeepSpeed finding reproduced on every 5.x version of the full profile
     nox -s titan         TorchTitan's MoE replacement as a subject (opt-in; its own pinned dependencies)
-    nox -s bench         the MoE layer benchmark (`-- --quick` for a smoke run, `-- --out FILE`)
+    nox -s bench         the MoE layer benchmark with its peers and the cost curves (`-- --quick` for a smoke
+                         run, `-- --out FILE`, `-- --out-dir DIR`)
     nox -s gpu           the GPU path (benchmarks/gpu.py; `-- --quick`, `-- --out DIR`); without CUDA it
                          says so in one line and exits 0
     nox -s mutants       the mutant bank: every planted bug must be killed by the suite (kill table,
@@ -24,6 +25,7 @@ from matrix.profiles import DEFAULT_PROFILE, FULL_VERSIONS, NEWEST, PROFILES, ve
 TORCH = "torch==2.13.0"
 DEEPSPEED = "deepspeed==0.19.8"
 MATPLOTLIB = "matplotlib==3.11.2"  # the report's heat-maps
+ACCELERATE = "accelerate==1.15.0"  # Transformers' from_pretrained(distributed_config=...) needs it (the bench's peer)
 
 nox.options.sessions = ["conformance"]
 nox.options.reuse_existing_virtualenvs = True
@@ -106,7 +108,7 @@ def findings(session, transformers):
 def tests(session):
     """Unit tests of autoep/, reference/, matrix/ and conformance/."""
     _install(session, NEWEST)
-    session.install(TORCH, MATPLOTLIB, "pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100")
+    session.install(TORCH, MATPLOTLIB, ACCELERATE, "pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100")
     session.run("python", "-m", "pytest", "-n", "2", "--dist", "loadgroup", *session.posargs)
 
 
@@ -127,10 +129,23 @@ def titan(session):
 
 @nox.session(python="3.11")
 def bench(session):
-    """Benchmark one MoE layer: autoep vs the Transformers block vs a dense ceiling, and autoep_size=2."""
+    """Benchmark one MoE layer in one run: autoep, the Transformers block, DeepSpeed's AutoEP layer,
+    Transformers' EP, a dense ceiling and the raw GEMM limit, at ep 1 and 2; then the cost curves
+    (tokens, experts, top-k, autoep_size on 4 processes) as JSON and PNG. `-- --quick` for a smoke run;
+    `-- --out FILE` names the table's JSON, `-- --out-dir DIR` the curves' folder."""
     _install(session, NEWEST)
+    session.install(TORCH, MATPLOTLIB, ACCELERATE)
     session.env["PYTHONPATH"] = "."
-    session.run("python", "-m", "benchmarks.moe_layer", *session.posargs)
+    known = {"--quick", "--out", "--out-dir"}
+    for i, arg in enumerate(session.posargs):
+        previous = session.posargs[i - 1] if i else None
+        if arg.split("=", 1)[0] not in known and previous not in ("--out", "--out-dir"):
+            session.error(f"nox -s bench: unknown argument {arg!r}; use --quick, --out FILE, --out-dir DIR")
+    quick = ["--quick"] if "--quick" in session.posargs else []
+    out = _option(session.posargs, "--out")
+    out_dir = _option(session.posargs, "--out-dir")
+    session.run("python", "-m", "benchmarks.moe_layer", *quick, *(["--out", out] if out else []))
+    session.run("python", "-m", "benchmarks.curves", *quick, *(["--out-dir", out_dir] if out_dir else []))
 
 
 @nox.session(python="3.11")

@@ -70,6 +70,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.blocks import FLOP_FORMULA, block_of, block_step, build_block_model, expert_flops, layer_inputs
+
 # Dense bf16 peak (TFLOPS, no sparsity) from the vendors' datasheets, matched by substring of
 # torch.cuda.get_device_name() in this order (the more specific names first).
 PEAK_BF16_TFLOPS = (
@@ -81,8 +83,6 @@ SHAPES = {
     "qwen3_30b_a3b": dict(family="qwen3_moe", hidden=2048, intermediate=768, experts=128, top_k=8, tokens=16384),
     "mixtral_8x7b": dict(family="mixtral", hidden=4096, intermediate=14336, experts=8, top_k=2, tokens=16384),
 }
-FLOP_FORMULA = ("expert FLOPs of a forward+backward step = 3 (forward; dX and dW each cost a forward) x 6*H*I "
-                "per routed row (gate_up 2*H*2I + down 2*I*H) x T*K routed rows")
 FULL = dict(warmup=3, repeats=10, tokens_scale=1)
 QUICK = dict(warmup=1, repeats=3, tokens_scale=4)  # a quarter of the tokens
 CONFORMANCE_SHARE = 0.5  # of --budget-s: cells left when it is spent are recorded "skipped"
@@ -158,56 +158,6 @@ def gemm_comparison(shape: dict, device: str, warmup: int, repeats: int, tokens:
 # ----------------------------------------------------------------------------- layer
 
 
-def build_block_model(shape: dict, device: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """A one-layer Transformers model of ``shape`` built directly on ``device`` (random weights,
-    router included, the same on every process), in ``dtype``."""
-    from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    hidden, inter, experts, top_k = shape["hidden"], shape["intermediate"], shape["experts"], shape["top_k"]
-    heads = max(1, hidden // 128)
-    if shape["family"] == "mixtral":
-        config = MixtralConfig(hidden_size=hidden, intermediate_size=inter, num_local_experts=experts,
-                               num_experts_per_tok=top_k, num_hidden_layers=1, vocab_size=128,
-                               num_attention_heads=heads, num_key_value_heads=heads, router_jitter_noise=0.0)
-        model_class = MixtralForCausalLM
-    elif shape["family"] == "qwen3_moe":
-        config = Qwen3MoeConfig(hidden_size=hidden, intermediate_size=inter, moe_intermediate_size=inter,
-                                num_experts=experts, num_experts_per_tok=top_k, num_hidden_layers=1, vocab_size=128,
-                                num_attention_heads=heads, num_key_value_heads=heads, head_dim=hidden // heads,
-                                norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
-        model_class = Qwen3MoeForCausalLM
-    else:
-        raise ValueError(f"shape family {shape['family']!r}: expected 'mixtral' or 'qwen3_moe'")
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = model_class(config)
-    generator = torch.Generator(device=device).manual_seed(seed + 1)
-    with torch.no_grad():  # Transformers leaves the router at zero (every token ties); 0.02 spreads the tokens
-        for param in model.parameters():
-            param.normal_(0.0, 0.02, generator=generator)
-    return model.to(dtype).train()
-
-
-def block_of(model: torch.nn.Module) -> torch.nn.Module:
-    return model.model.layers[0].mlp
-
-
-def block_step(block: torch.nn.Module, x_BTH: torch.Tensor, upstream_BTH: torch.Tensor) -> None:
-    """Forward and backward of the block with a fixed upstream gradient; gradients cleared first."""
-    block.zero_grad(set_to_none=True)
-    x_BTH.grad = None
-    out = block(x_BTH)
-    out = out[0] if isinstance(out, tuple) else out
-    (out.float() * upstream_BTH).sum().backward()
-
-
-def layer_inputs(shape: dict, tokens: int, device: str, dtype: torch.dtype, seed: int = 2):
-    generator = torch.Generator(device=device).manual_seed(seed)
-    x_BTH = torch.randn(1, tokens, shape["hidden"], device=device, generator=generator).to(dtype).requires_grad_()
-    upstream_BTH = torch.randn(1, tokens, shape["hidden"], device=device, generator=generator)
-    return x_BTH, upstream_BTH
-
-
 def measure_block(block, x_BTH, upstream_BTH, shape: dict, device: str, warmup: int, repeats: int,
                   peak: float | None) -> dict:
     tokens = x_BTH.shape[1]
@@ -223,7 +173,7 @@ def measure_block(block, x_BTH, upstream_BTH, shape: dict, device: str, warmup: 
     if device == "cuda":
         peak_memory = torch.cuda.max_memory_allocated()
     ms = statistics.median(times)
-    flop = 18.0 * shape["hidden"] * shape["intermediate"] * tokens * shape["top_k"]
+    flop = expert_flops(shape, tokens)
     achieved = tflops(flop, ms)
     return {"tokens": tokens, "step_ms": ms, "step_ms_all": times, "tokens_per_s": tokens / (ms * 1e-3),
             "expert_tflops": achieved, "fraction_of_peak": None if peak is None else achieved / peak,
@@ -238,8 +188,8 @@ def layer_throughput(shape: dict, device: str, warmup: int, repeats: int, tokens
     import autoep
 
     tokens = tokens or shape["tokens"]
-    model = build_block_model(shape, device, torch.bfloat16)
-    x_BTH, upstream_BTH = layer_inputs(shape, tokens, device, torch.bfloat16)
+    model = build_block_model(shape, torch.bfloat16, device)
+    x_BTH, upstream_BTH = layer_inputs(shape, tokens, torch.bfloat16, device)
     results = {"transformers": measure_block(block_of(model), x_BTH, upstream_BTH, shape, device, warmup, repeats,
                                              peak)}
     results["transformers"]["experts_implementation"] = getattr(model.config, "_experts_implementation", None)
@@ -340,11 +290,11 @@ def step_syncs(block, x_BTH, upstream_BTH, device: str) -> dict:
 def layer_syncs(shape: dict, device: str, tokens: int, experts_implementation: str | None = None) -> dict:
     import autoep
 
-    model = build_block_model(shape, device, torch.bfloat16)
+    model = build_block_model(shape, torch.bfloat16, device)
     if experts_implementation is not None:
         model.set_experts_implementation(experts_implementation)
     autoep.apply(model, {"autoep_size": 1})
-    x_BTH, upstream_BTH = layer_inputs(shape, tokens, device, torch.bfloat16)
+    x_BTH, upstream_BTH = layer_inputs(shape, tokens, torch.bfloat16, device)
     result = step_syncs(block_of(model), x_BTH, upstream_BTH, device)
     result["kernel"] = block_of(model).routed_experts().last_path
     return result
@@ -361,10 +311,10 @@ def ep_layer_on_rank(shape: dict, tokens: int, autoep_size: int, warmup: int, re
     import autoep
 
     device = "cuda"
-    model = build_block_model(shape, device, torch.bfloat16)
+    model = build_block_model(shape, torch.bfloat16, device)
     autoep.apply(model, {"autoep_size": autoep_size})
     block = block_of(model)
-    x_BTH, upstream_BTH = layer_inputs(shape, tokens, device, torch.bfloat16, seed=2 + dist.get_rank())
+    x_BTH, upstream_BTH = layer_inputs(shape, tokens, torch.bfloat16, device, seed=2 + dist.get_rank())
 
     def step():
         dist.barrier()
@@ -386,7 +336,7 @@ def expert_parallel(shape: dict, tokens: int, warmup: int, repeats: int) -> dict
     finally:
         launch.close_shared_pools()
     step_ms = max(rank["step_ms"] for rank in ranks)  # a step lasts as long as its slowest rank
-    flop = 18.0 * shape["hidden"] * shape["intermediate"] * tokens * shape["top_k"]
+    flop = expert_flops(shape, tokens)
     return {"status": "done", "autoep_size": 2, "world_size": 2, "tokens_per_rank": tokens, "step_ms": step_ms,
             "tokens_per_s_per_rank": tokens / (step_ms * 1e-3), "expert_tflops_per_rank": tflops(flop, step_ms),
             "ranks": ranks}

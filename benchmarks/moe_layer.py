@@ -1,35 +1,43 @@
-"""One Mixtral MoE layer, forward + backward: autoep against the Transformers block and a
-dense ceiling, then autoep under expert parallelism (autoep_size=2 on 2 gloo processes).
+"""One MoE layer, forward + backward, in one run: autoep against the Transformers block, the
+peers (DeepSpeed's AutoEP layer, Transformers' own expert parallelism), a dense ceiling and the
+raw GEMM limit of this machine; then expert parallelism on 2 gloo processes.
 
     PYTHONPATH=. python -m benchmarks.moe_layer [--quick] [--out bench-results.json]
 
-Shapes: H=512, I=1024, E=8 experts, top-2, 4096 tokens per process; fp32 and bf16; one
-thread per process. Every measurement runs in a fresh process (``autoep.launch.RankPool``).
+Shape (benchmarks/blocks.py STANDARD): H=512, I=1024, E=8 experts, top-2, 4096 tokens per process,
+fp32 and bf16, one thread per process, every measurement in a fresh process
+(``autoep.launch.RankPool``). Two families: mixtral (the standard) and deepseek_v3 (the same shape
+plus one shared expert; the family DeepSpeed 0.19.8's AutoEP still builds on Transformers >= 5.23,
+where finding DS-1 stops its mixtral preset). A variant that cannot run says why in its row.
 
-The limit, in the same run: the raw GEMM throughput of this machine (one ``torch.mm``, one
-thread, the best of GEMM_SHAPES, per dtype); every variant's GFLOP/s is also given as a fraction
-of it.
-
-Variants at autoep_size=1:
-  autoep         the block after ``autoep.apply(model, {"autoep_size": 1, "preset_model": "mixtral"})``
-  transformers   the original MixtralSparseMoeBlock, with Transformers' default experts implementation
-  dense_ceiling  one dense SwiGLU over the T*K routed rows: the experts' FLOPs, no routing
-Expert parallelism: autoep_size=2 on 2 processes, each rank with its own 4096 tokens (weak
-scaling: the per-rank load of autoep_size=1) and the same weights. Control: autoep_size=1 on
-the same 2 processes (no communication), which shows what sharing the machine alone costs.
+Variants:
+  autoep           the block after ``autoep.apply(model, {"autoep_size": ep, "preset_model": family})``
+  transformers     the original block, Transformers' default experts implementation
+  deepspeed        DeepSpeed's AutoEP layer, built by ``deepspeed.initialize`` (benchmarks/peers.py)
+  transformers_ep  Transformers' expert parallelism, ``DistributedConfig(ep_size=ep)`` (benchmarks/peers.py)
+  dense_ceiling    one dense SwiGLU over the routed (and shared) rows: the experts' FLOPs, no routing
+  limit            the raw GEMM limit: one ``torch.mm``, one thread, the best of GEMM_SHAPES, per dtype
+Expert parallelism: ep=2 on 2 processes, each rank with its own 4096 tokens (weak scaling: the
+per-rank load of ep=1) and the same weights; control: autoep at ep=1 on the same 2 processes (no
+communication), which shows what sharing the machine alone costs.
 
 What is measured:
   time     time.perf_counter around each step (forward, loss, backward; gradients cleared
            before the clock starts); ``warmup`` steps, then the median of ``steps``. Under EP
            a barrier precedes each step and a step takes as long as its slowest rank.
-  GFLOP/s  expert FLOPs only (see FLOP_FORMULA); the router and the permutations are not counted.
+  GFLOP/s  expert FLOPs only (blocks.FLOP_FORMULA); the router and the permutations are not counted.
   memory   peak live bytes (benchmarks/live_bytes.py): the most bytes of tensors alive at once during
-           one more step, counted from the tensors (deterministic; the comparison the issue asks for).
-           Peak RSS growth: ru_maxrss after the warm-up and measured steps minus the resident
-           set after setup, with the kernel's high-water mark reset to that resident set first
-           (Linux /proc/self/clear_refs), so that setup's own peak does not count. Saved for backward (deterministic): bytes of the tensors
-           packed by saved_tensors_hooks in one forward of the layer, summed, and the distinct
-           storages among them that are neither parameters nor the input (activations).
+           one more step, counted from the tensors (deterministic). Peak RSS growth: ru_maxrss after
+           the steps minus the resident set after setup, the kernel's high-water mark reset first
+           (Linux /proc/self/clear_refs). Saved for backward: bytes of the tensors packed by
+           saved_tensors_hooks in one forward, summed, and the distinct non-parameter storages.
+  wire     payload: bytes each rank hands ``torch.distributed.all_to_all_single`` for other ranks
+           (what autoep and DeepSpeed send; Transformers' EP sends through functional collectives
+           this does not see). Loopback: bytes the kernel sent over ``lo`` (/proc/net/dev) during the
+           measured steps, all ranks together (gloo runs over TCP on 127.0.0.1; the barriers add a
+           few hundred bytes per step): measured the same way for every variant. Theory: the
+           routed rows that leave their rank under uniform routing, 4 * T*K*(ep-1)/ep rows x H x
+           dtype bytes per rank and step (dispatch, combine, and both again in backward).
   shares   torch.profiler over a few more steps: the record_function ranges of autoep/dispatch.py.
            Forward = autoep.dispatch + autoep.combine (the outer ranges; they contain
            count_exchange and the forward AllToAlls). AllToAll backward = the two
@@ -54,14 +62,16 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from benchmarks import blocks
+from benchmarks.blocks import FLOP_FORMULA, STANDARD, expert_flops
 from benchmarks.live_bytes import LiveBytes
 
-HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 512, 1024, 8, 2
 SEED = 0
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-VARIANTS = ("autoep", "transformers", "dense_ceiling")
-FLOP_FORMULA = ("step FLOPs = 3 (forward + backward: dX and dW each cost a forward) * 6*H*I per routed row "
-                "(gate_up 2*H*2I + down 2*I*H) * T*K routed rows")
+FAMILIES = ("mixtral", "deepseek_v3")
+# Transformers' EP at ep 1 builds no mesh: it is the transformers row, which its ep 2 row is set against.
+LAYER_VARIANTS = ("autoep", "transformers", "deepspeed", "dense_ceiling")
+EP_VARIANTS = ("autoep", "deepspeed", "transformers_ep")
 FULL = dict(tokens=4096, warmup=2, steps=10, profile_steps=2)
 QUICK = dict(tokens=1024, warmup=1, steps=2, profile_steps=1)
 RUN_TIMEOUT_S = 900.0
@@ -69,10 +79,6 @@ RUN_TIMEOUT_S = 900.0
 FORWARD_LABELS = ("autoep.dispatch", "autoep.combine")  # outer ranges: the total
 NESTED_LABELS = ("autoep.count_exchange", "autoep.all_to_all.dispatch", "autoep.all_to_all.combine")
 BACKWARD_LABELS = ("autoep.all_to_all.dispatch.backward", "autoep.all_to_all.combine.backward")
-
-
-def expert_flops(routed_rows: int) -> int:
-    return 3 * 6 * HIDDEN * INTERMEDIATE * routed_rows
 
 
 # ----------------------------------------------------------------------------- rank side
@@ -91,55 +97,49 @@ class Subject:
     info: dict = field(default_factory=dict)
 
 
-def build_mixtral(dtype: torch.dtype) -> torch.nn.Module:
-    """A 1-layer Mixtral with random weights (the same on every process)."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    from conformance.models import _randomize
-
-    config = MixtralConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_local_experts=EXPERTS,
-                           num_experts_per_tok=TOP_K, num_hidden_layers=1, vocab_size=32, num_attention_heads=8,
-                           num_key_value_heads=8, router_jitter_noise=0.0)
-    torch.manual_seed(SEED)
-    model = MixtralForCausalLM(config)
-    _randomize(model, torch.Generator().manual_seed(SEED + 1))  # HF init leaves the router at zero
-    return model.to(dtype).train()
-
-
-def moe_subject(variant: str, dtype: torch.dtype, tokens: int, autoep_size: int,
-                generator: torch.Generator) -> Subject:
-    model = build_mixtral(dtype)
+def moe_subject(variant: str, dtype: torch.dtype, tokens: int, autoep_size: int, generator: torch.Generator,
+                shape: dict = STANDARD) -> Subject:
+    """One MoE block of ``shape`` as ``variant`` runs it (raises peers.PeerUnavailable for a peer
+    that cannot be built here)."""
     info = {}
-    if variant == "autoep":
-        import autoep
+    if variant in ("deepspeed", "transformers_ep"):
+        from benchmarks import peers
 
-        autoep.apply(model, {"autoep_size": autoep_size, "preset_model": "mixtral"})
+        block, info = peers.build(variant, shape, dtype, autoep_size)
     else:
-        info["experts_implementation"] = model.config._experts_implementation
-    block = model.model.layers[0].mlp  # the rest of the model is freed on return
+        model = blocks.build_block_model(shape, dtype, seed=SEED)
+        if variant == "autoep":
+            import autoep
+
+            autoep.apply(model, {"autoep_size": autoep_size, "preset_model": shape["family"]})
+        else:
+            info["experts_implementation"] = model.config._experts_implementation
+        block = blocks.block_of(model)  # the rest of the model is freed on return
     experts = block.routed_experts() if variant == "autoep" else None
     if experts is not None:
         def record_rows(module, args, out_RH):  # rows the local experts computed (received rows under EP)
             info["expert_rows"] = out_RH.shape[0]
 
         experts.register_forward_hook(record_rows)
-    x_BTH = torch.randn(1, tokens, HIDDEN, generator=generator).to(dtype).requires_grad_()
-    upstream_BTH = torch.randn(1, tokens, HIDDEN, generator=generator)
-    return Subject(block, x_BTH, upstream_BTH, list(block.parameters()), experts, info)
+    x_BTH = torch.randn(1, tokens, shape["hidden"], generator=generator).to(dtype).requires_grad_()
+    upstream_BTH = torch.randn(1, tokens, shape["hidden"], generator=generator)
+    return Subject(lambda x: blocks.block_output(block(x)), x_BTH, upstream_BTH, list(block.parameters()),
+                   experts, info)
 
 
-def dense_subject(dtype: torch.dtype, rows: int, generator: torch.Generator) -> Subject:
+def dense_subject(dtype: torch.dtype, rows: int, generator: torch.Generator, shape: dict = STANDARD) -> Subject:
     """SwiGLU over ``rows`` rows with one expert's weights: the experts' FLOPs without routing."""
-    w_gate_up_2IH = (torch.randn(2 * INTERMEDIATE, HIDDEN, generator=generator) / HIDDEN ** 0.5).to(dtype)
-    w_down_HI = (torch.randn(HIDDEN, INTERMEDIATE, generator=generator) / INTERMEDIATE ** 0.5).to(dtype)
+    hidden, inter = shape["hidden"], shape["intermediate"]
+    w_gate_up_2IH = (torch.randn(2 * inter, hidden, generator=generator) / hidden ** 0.5).to(dtype)
+    w_down_HI = (torch.randn(hidden, inter, generator=generator) / inter ** 0.5).to(dtype)
     params = [w_gate_up_2IH.requires_grad_(), w_down_HI.requires_grad_()]
 
     def forward(x_RH: torch.Tensor) -> torch.Tensor:
         gate_RI, up_RI = F.linear(x_RH, w_gate_up_2IH).chunk(2, dim=-1)
         return F.linear(F.silu(gate_RI) * up_RI, w_down_HI)
 
-    x_RH = torch.randn(rows, HIDDEN, generator=generator).to(dtype).requires_grad_()
-    return Subject(forward, x_RH, torch.randn(rows, HIDDEN, generator=generator), params)
+    x_RH = torch.randn(rows, hidden, generator=generator).to(dtype).requires_grad_()
+    return Subject(forward, x_RH, torch.randn(rows, hidden, generator=generator), params)
 
 
 def step(subject: Subject) -> None:
@@ -169,10 +169,61 @@ def timed_steps(subject: Subject, count: int, barrier: bool) -> tuple[list[float
     return wall_s, cpu_s
 
 
+def loopback_tx_bytes() -> int | None:
+    """Bytes sent over the loopback interface since boot (Linux /proc/net/dev), or None."""
+    try:
+        with open("/proc/net/dev") as dev:
+            for line in dev:
+                name, _, values = line.partition(":")
+                if name.strip() == "lo":
+                    return int(values.split()[8])  # receive has 8 fields, then transmit bytes
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class PayloadCounter:
+    """Counts the bytes this rank hands ``torch.distributed.all_to_all_single`` for other ranks
+    (its own split stays local), by wrapping the function while the block is active."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.calls = 0
+
+    def __enter__(self) -> "PayloadCounter":
+        import torch.distributed as dist
+
+        self._original = original = dist.all_to_all_single
+
+        def counting(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+            peers, me = dist.get_world_size(group), dist.get_rank(group)
+            row_bytes = input[0].numel() * input.element_size() if input.dim() and input.shape[0] else 0
+            if input_split_sizes:
+                rows = sum(size for index, size in enumerate(input_split_sizes) if index != me)
+            else:
+                rows = input.shape[0] * (peers - 1) // peers if input.dim() else 0
+            self.bytes += rows * row_bytes
+            self.calls += 1
+            return original(output, input, output_split_sizes, input_split_sizes, group, async_op)
+
+        dist.all_to_all_single = counting
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch.distributed as dist
+
+        dist.all_to_all_single = self._original
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (Transformers' EP keeps its parameters as DTensors), else the tensor."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def saved_for_backward(subject: Subject) -> dict:
     """Bytes autograd keeps from one forward: every packed tensor summed, and the distinct
     storages that are neither parameters nor the input."""
-    own = {tensor.untyped_storage().data_ptr() for tensor in (subject.x, *subject.params)}
+    own = {_local(tensor).untyped_storage().data_ptr() for tensor in (subject.x, *subject.params)}
     total = 0
     activations: dict[int, int] = {}
 
@@ -237,31 +288,48 @@ def reset_peak_rss() -> bool:
 
 
 def measure(variant: str, dtype_name: str, tokens: int, warmup: int, steps: int, profile_steps: int,
-            autoep_size: int = 1) -> dict:
-    """Rank side: set up one variant, time it, measure its memory, profile it (autoep only).
-    ``autoep_size`` counts only for the autoep variant."""
+            autoep_size: int = 1, shape: dict = STANDARD) -> dict:
+    """Rank side: set up one variant, time it, count its wire bytes, measure its memory, profile
+    it (autoep only). ``autoep_size`` is the EP size of autoep and the peers. A peer that cannot
+    be built returns ``{"unavailable": reason}``."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    barrier = dist.is_initialized() and dist.get_world_size() > 1  # ranks step together
+    distributed = dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    barrier = distributed and dist.get_world_size() > 1  # ranks step together
     dtype = DTYPES[dtype_name]
     tokens_generator = torch.Generator().manual_seed(1000 + rank)  # own tokens per rank, same weights
     if variant == "dense_ceiling":
-        subject = dense_subject(dtype, tokens * TOP_K, tokens_generator)
+        rows = tokens * (shape["top_k"] + blocks.shared_experts(shape))
+        subject = dense_subject(dtype, rows, tokens_generator, shape)
     else:
-        subject = moe_subject(variant, dtype, tokens, autoep_size, tokens_generator)
+        from benchmarks.peers import PeerUnavailable
+
+        try:
+            subject = moe_subject(variant, dtype, tokens, autoep_size, tokens_generator, shape)
+        except PeerUnavailable as reason:
+            return {"rank": rank, "unavailable": str(reason)}
     gc.collect()
     peak_reset = reset_peak_rss()
     rss_after_setup = rss_bytes()
     timed_steps(subject, warmup, barrier)
-    seconds, cpu_seconds = timed_steps(subject, steps, barrier)
+    if distributed:
+        dist.barrier()
+    loopback_before = loopback_tx_bytes()
+    with PayloadCounter() as payload:
+        seconds, cpu_seconds = timed_steps(subject, steps, barrier)
+    if distributed:
+        dist.barrier()
+    loopback_after = loopback_tx_bytes()
     maxrss_after_steps = maxrss_bytes()
     live_peak = peak_live_bytes(subject)
     result = {"rank": rank, "threads": torch.get_num_threads(), "step_s": seconds, "step_cpu_s": cpu_seconds,
               "rss_after_setup_bytes": rss_after_setup, "maxrss_after_steps_bytes": maxrss_after_steps,
               "peak_rss_growth_bytes": maxrss_after_steps - rss_after_setup, "peak_rss_reset_after_setup": peak_reset,
-              "peak_live_bytes": live_peak,
+              "peak_live_bytes": live_peak, "payload_bytes_per_step": payload.bytes / steps,
+              "loopback_bytes_per_step": (None if loopback_before is None or loopback_after is None
+                                          else (loopback_after - loopback_before) / steps),
               **saved_for_backward(subject)}
     if subject.experts is not None:
         result["kernel_path"] = subject.experts.last_path
@@ -270,39 +338,77 @@ def measure(variant: str, dtype_name: str, tokens: int, warmup: int, steps: int,
     return result
 
 
-# Candidate shapes (M, K, N) of one torch.mm for the raw GEMM limit: the layer's own three GEMMs at
-# the routed-row count (gate_up: R x H x 2I, down: R x I x H, and a backward one, R x H x I
-# transposed), and square ones that keep AMX tiles fed. The limit is the best of them.
-GEMM_SHAPES = ("routed_gate_up", "routed_down", "square_1024", "square_2048")
+# Candidate shapes (M, K, N) of one torch.mm for the raw GEMM limit: the layer's own GEMMs at the
+# routed-row count (gate_up: R x H x 2I, down: R x I x H), and square ones that keep AMX tiles fed.
+# The limit is the best of them. They run smallest first; once one call takes over GEMM_SLOW_S
+# (a CPU without a native kernel for the dtype: bf16 without AMX or AVX512-BF16 runs a fallback at
+# well under 1 GFLOP/s), the larger ones are skipped and that is recorded.
+GEMM_SHAPES = ("square_512", "square_1024", "routed_gate_up", "routed_down", "square_2048")
+GEMM_SLOW_S = 1.0
+# A dtype is timed only where its GEMM limit is at least this fraction of fp32's: below it the
+# layers' times would measure the CPU's fallback kernel, not the layers (reported, not hidden).
+NATIVE_FRACTION_OF_FP32 = 0.5
 
 
-def _gemm_shape(name: str, rows: int) -> tuple[int, int, int]:
-    return {"routed_gate_up": (rows, HIDDEN, 2 * INTERMEDIATE), "routed_down": (rows, INTERMEDIATE, HIDDEN),
-            "square_1024": (1024, 1024, 1024), "square_2048": (2048, 2048, 2048)}[name]
+def _gemm_shape(name: str, rows: int, shape: dict = STANDARD) -> tuple[int, int, int]:
+    hidden, inter = shape["hidden"], shape["intermediate"]
+    return {"routed_gate_up": (rows, hidden, 2 * inter), "routed_down": (rows, inter, hidden),
+            "square_512": (512, 512, 512), "square_1024": (1024, 1024, 1024),
+            "square_2048": (2048, 2048, 2048)}[name]
 
 
-def measure_gemm_limit(dtype_name: str, tokens: int, warmup: int, steps: int, **_ignored) -> dict:
+def measure_gemm_limit(dtype_name: str, tokens: int, warmup: int, steps: int, shape: dict = STANDARD,
+                       **_ignored) -> dict:
     """Rank side: this machine's raw GEMM throughput, one thread: ``torch.mm`` on each of
     GEMM_SHAPES (inputs of ``dtype``, its output dtype), ``warmup`` calls then the median of
     ``steps``; the best shape is the physical limit every variant is set against."""
     torch.set_num_threads(1)
     dtype = DTYPES[dtype_name]
     generator = torch.Generator().manual_seed(SEED)
-    shapes = {}
-    for name in GEMM_SHAPES:
-        m, k, n = _gemm_shape(name, tokens * TOP_K)
+    sizes = {name: _gemm_shape(name, tokens * shape["top_k"], shape) for name in GEMM_SHAPES}
+    shapes, skipped = {}, []
+    for name in sorted(GEMM_SHAPES, key=lambda name: sizes[name][0] * sizes[name][1] * sizes[name][2]):
+        m, k, n = sizes[name]
+        if skipped or (shapes and max(s["seconds_median"] for s in shapes.values()) > GEMM_SLOW_S):
+            skipped.append(name)
+            continue
         a, b = torch.randn(m, k, generator=generator).to(dtype), torch.randn(k, n, generator=generator).to(dtype)
         seconds = []
         for index in range(warmup + max(steps, 3)):
             start = time.perf_counter()
             torch.mm(a, b)
-            if index >= warmup:
-                seconds.append(time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            if index >= warmup or elapsed > GEMM_SLOW_S:
+                seconds.append(elapsed)
+            if elapsed > GEMM_SLOW_S:
+                break
         median = statistics.median(seconds)
         shapes[name] = {"m": m, "k": k, "n": n, "seconds_median": median, "gflops": 2 * m * k * n / median / 1e9}
     best = max(shapes, key=lambda name: shapes[name]["gflops"])
     return {"threads": torch.get_num_threads(), "shapes": shapes, "best_shape": best,
-            "gflops": shapes[best]["gflops"]}
+            "gflops": shapes[best]["gflops"], "skipped_slow": skipped}
+
+
+def timed_dtypes(limits: dict[str, dict]) -> tuple[list[str], dict[str, str]]:
+    """The dtypes worth timing on this machine, and why each other one is not."""
+    timed, reasons = [], {}
+    for dtype_name, limit in limits.items():
+        if dtype_name != "fp32" and limit["gflops"] < NATIVE_FRACTION_OF_FP32 * limits["fp32"]["gflops"]:
+            reasons[dtype_name] = (f"not timed: this CPU's {dtype_name} GEMM reaches {limit['gflops']:.2f} GFLOP/s "
+                                   f"against fp32's {limits['fp32']['gflops']:.1f} (no native {dtype_name} matrix "
+                                   "unit: AMX or AVX512-BF16); its times would measure the fallback kernel, not the "
+                                   "layers")
+        else:
+            timed.append(dtype_name)
+    return timed, reasons
+
+
+def gemm_limits(plan: dict) -> dict[str, dict]:
+    limits = {}
+    for dtype_name in DTYPES:
+        print(f"measuring the raw GEMM limit {dtype_name} ...", file=sys.stderr, flush=True)
+        limits[dtype_name] = run_fresh(1, target="measure_gemm_limit", dtype_name=dtype_name, **plan)[0]
+    return limits
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -331,107 +437,137 @@ def cpu_share(result: dict) -> float:
     return sum(result["step_cpu_s"]) / sum(result["step_s"])
 
 
-def layer_rows(results: dict[tuple[str, str], dict], tokens: int, limits: dict[str, dict]) -> list[dict]:
-    """One row per variant and dtype; ``limits``: measure_gemm_limit's result per dtype."""
-    flops = expert_flops(tokens * TOP_K)
-    rows = []
-    for dtype_name in DTYPES:
-        median = {variant: statistics.median(results[variant, dtype_name]["step_s"]) for variant in VARIANTS}
-        for variant in VARIANTS:
-            result = results[variant, dtype_name]
-            gflops = flops / median[variant] / 1e9
-            rows.append({"variant": variant, "dtype": dtype_name, "autoep_size": 1, "tokens": tokens,
-                         "step_s_median": median[variant], "gflops": gflops,
-                         "fraction_of_gemm_limit": gflops / limits[dtype_name]["gflops"],
-                         "time_ratio_to_dense_ceiling": median[variant] / median["dense_ceiling"],
-                         "time_ratio_to_transformers": median[variant] / median["transformers"],
-                         "peak_live_ratio_to_transformers": result["peak_live_bytes"]
-                         / results["transformers", dtype_name]["peak_live_bytes"],
-                         "saved_ratio_to_transformers": result["saved_bytes_sum"]
-                         / results["transformers", dtype_name]["saved_bytes_sum"],
-                         "step_cpu_s_median": statistics.median(result["step_cpu_s"]), "cpu_share": cpu_share(result),
-                         **shares(result.get("profile_ms_per_step")), **result})
-    return rows
+def theoretical_wire_bytes(shape: dict, tokens: int, ep: int, dtype_name: str) -> float:
+    """Bytes one rank sends per step under uniform routing: 4 passes (dispatch, combine, both in
+    backward) of the T*K*(ep-1)/ep routed rows that leave the rank, H elements each."""
+    element = torch.tensor([], dtype=DTYPES[dtype_name]).element_size()
+    return 4 * tokens * shape["top_k"] * (ep - 1) / ep * shape["hidden"] * element
 
 
-def expert_parallel_rows(results: dict[tuple[int, str], list[dict]], ep1: dict[str, float], tokens: int
-                         ) -> list[dict]:
-    rows = []
-    for (ep_size, dtype_name), per_rank in results.items():
-        slowest_s = [max(steps) for steps in zip(*(result["step_s"] for result in per_rank))]
-        median = statistics.median(slowest_s)
-        rank_shares = [shares(result["profile_ms_per_step"]) for result in per_rank]
-        rows.append({
-            "variant": "autoep", "dtype": dtype_name, "autoep_size": ep_size, "processes": len(per_rank),
-            "tokens_per_rank": tokens,
-            "step_s_median": median, "step_s_slowest_rank": slowest_s,
-            "time_per_token_us": median / tokens * 1e6,
-            "time_per_token_ratio_to_ep1": median / ep1[dtype_name],
-            "tokens_per_s_all_ranks": tokens * len(per_rank) / median,
-            "cpu_share": statistics.mean(cpu_share(result) for result in per_rank),
-            "gflops_per_rank": expert_flops(tokens * TOP_K) / median / 1e9,
-            "dispatch_combine_forward_share": statistics.mean(s["dispatch_combine_forward_share"] for s in rank_shares),
-            "all_to_all_backward_share": statistics.mean(s["all_to_all_backward_share"] for s in rank_shares),
-            "peak_rss_growth_bytes_max": max(result["peak_rss_growth_bytes"] for result in per_rank),
-            "saved_bytes_activations_max": max(result["saved_bytes_activations"] for result in per_rank),
-            "expert_rows_per_rank": [result.get("expert_rows") for result in per_rank],
-            "ranks": per_rank})
-    return rows
+# A run: (family, variant, dtype, ep size, processes).
+Key = tuple[str, str, str, int, int]
 
 
-def mib(n: float) -> str:
-    return f"{n / 2**20:.1f}"
+def row(key: Key, per_rank: list[dict], results: dict, tokens: int, limits: dict[str, dict]) -> dict:
+    """One table row: time (slowest rank), GFLOP/s per rank and its fraction of the limit, ratios
+    to the Transformers block and the dense ceiling of the same family and dtype (on one process),
+    memory (largest rank), wire bytes per step."""
+    family, variant, dtype_name, ep, processes = key
+    shape = dict(STANDARD, family=family)
+    base = {"family": family, "variant": variant, "dtype": dtype_name, "ep": ep, "processes": processes,
+            "tokens_per_rank": tokens}
+    unavailable = next((result["unavailable"] for result in per_rank if "unavailable" in result), None)
+    if unavailable:
+        return {**base, "unavailable": unavailable}
+    slowest_s = [max(steps) for steps in zip(*(result["step_s"] for result in per_rank))]
+    median = statistics.median(slowest_s)
+    gflops = expert_flops(shape, tokens) / median / 1e9
+
+    def reference(name: str) -> dict | None:
+        found = results.get((family, name, dtype_name, 1, 1))
+        return None if not found or "unavailable" in found[0] else found[0]
+
+    def single(name: str) -> float | None:  # the same variant at ep 1 on one process
+        found = reference("transformers" if name == "transformers_ep" else name)
+        return statistics.median(found["step_s"]) if found else None
+
+    hf, dense = reference("transformers"), reference("dense_ceiling")
+    live = max(result["peak_live_bytes"] for result in per_rank)
+    saved = max(result["saved_bytes_sum"] for result in per_rank)
+    rank_shares = [shares(result.get("profile_ms_per_step")) for result in per_rank]
+    loopback = per_rank[0].get("loopback_bytes_per_step")
+    out = {**base, "step_s_median": median, "step_s_slowest_rank": slowest_s,
+           "time_per_token_us": median / tokens * 1e6, "gflops_per_rank": gflops,
+           "fraction_of_gemm_limit": gflops / limits[dtype_name]["gflops"],
+           "time_ratio_to_transformers": median / statistics.median(hf["step_s"]) if hf else None,
+           "time_ratio_to_dense_ceiling": median / statistics.median(dense["step_s"]) if dense else None,
+           "time_ratio_to_ep1": median / single(variant) if ep > 1 and single(variant) else None,
+           "peak_live_bytes": live, "peak_live_ratio_to_transformers": live / hf["peak_live_bytes"] if hf else None,
+           "saved_bytes_sum": saved, "saved_ratio_to_transformers": saved / hf["saved_bytes_sum"] if hf else None,
+           "saved_bytes_activations": max(result["saved_bytes_activations"] for result in per_rank),
+           "peak_rss_growth_bytes": max(result["peak_rss_growth_bytes"] for result in per_rank),
+           "cpu_share": statistics.mean(cpu_share(result) for result in per_rank),
+           "payload_bytes_per_step_all_ranks": sum(result["payload_bytes_per_step"] for result in per_rank),
+           "loopback_bytes_per_step_all_ranks": loopback,
+           "theoretical_wire_bytes_per_step_all_ranks": processes * theoretical_wire_bytes(shape, tokens, ep,
+                                                                                           dtype_name),
+           "kernel": per_rank[0].get("kernel_path") or per_rank[0].get("experts_implementation")
+           or per_rank[0].get("kernel"),
+           "expert_rows_per_rank": [result.get("expert_rows") for result in per_rank],
+           **{name: statistics.mean(s[name] for s in rank_shares) for name in
+              ("dispatch_combine_forward_share", "all_to_all_backward_share") if all(rank_shares)},
+           "ranks": per_rank}
+    return out
+
+
+def plan_runs(dtypes: list[str]) -> list[Key]:
+    """Every run of the benchmark, in order: the layer on one process (each family, dtype and
+    variant), then EP on 2 processes (the control, then ep 2 for autoep and the peers)."""
+    runs: list[Key] = []
+    for family in FAMILIES:
+        for dtype_name in dtypes:
+            runs += [(family, variant, dtype_name, 1, 1) for variant in LAYER_VARIANTS]
+    for family in FAMILIES:
+        for dtype_name in dtypes:
+            runs.append((family, "autoep", dtype_name, 1, 2))
+            runs += [(family, variant, dtype_name, 2, 2) for variant in EP_VARIANTS]
+    return runs
+
+
+def mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def _ratio(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def print_tables(report: dict) -> None:
     meta = report["meta"]
+    shape = STANDARD
     print(f"\nMoE layer benchmark: torch {meta['torch']}, transformers {meta['transformers']}, "
-          f"{meta['threads_per_process']} thread per process, H={HIDDEN} I={INTERMEDIATE} E={EXPERTS} top-{TOP_K}, "
-          f"{meta['tokens_per_process']} tokens per process")
-    print(f"{meta['flop_formula']} = {meta['expert_flops_per_step'] / 1e9:.2f} GFLOP per step")
+          f"deepspeed {meta['deepspeed']}, {meta['threads_per_process']} thread per process, "
+          f"H={shape['hidden']} I={shape['intermediate']} E={shape['experts']} top-{shape['top_k']}, "
+          f"{meta['tokens_per_process']} tokens per process (deepseek_v3: + 1 shared expert)")
+    print(f"{FLOP_FORMULA}")
     before, after = meta["load_average_1min_before_after"]
     print(f"time: {meta['timing']}; load average (1 min) before/after the run: {before:.2f} / {after:.2f}\n")
     for dtype_name, limit in report["gemm_limit"].items():
         best = limit["shapes"][limit["best_shape"]]
         tried = ", ".join(f"{name} {shape['gflops']:.0f}" for name, shape in limit["shapes"].items())
+        slow = f"; not tried (a smaller one took over {GEMM_SLOW_S:.0f} s): {', '.join(limit['skipped_slow'])}" \
+            if limit.get("skipped_slow") else ""
         print(f"raw GEMM limit {dtype_name}: {limit['gflops']:.1f} GFLOP/s (torch.mm, one thread; {tried}; "
-              f"best {limit['best_shape']} {best['m']}x{best['k']}x{best['n']})")
+              f"best {limit['best_shape']} {best['m']}x{best['k']}x{best['n']}{slow})")
+    for dtype_name, reason in report.get("not_timed", {}).items():
+        print(f"{dtype_name}: {reason}")
     print()
-    header = (f"{'variant':<14}{'dtype':<6}{'step ms':>9}{'GFLOP/s':>9}{'/limit':>8}{'t/dense':>9}{'t/hf':>7}"
-              f"{'live MiB':>10}{'live/hf':>8}{'RSS+ MiB':>10}{'saved MiB':>11}{'saved/hf':>9}{'act MiB':>9}"
-              f"{'disp+comb':>11}{'cpu':>6}  kernel")
+    header = (f"{'family':<12}{'variant':<16}{'dtype':<6}{'ep':>3}{'pr':>3}{'step ms':>9}{'us/tok':>8}"
+              f"{'GFLOP/s':>9}{'/limit':>7}{'t/hf':>6}{'t/dense':>8}{'t/ep1':>6}{'live MiB':>9}{'live/hf':>8}"
+              f"{'saved/hf':>9}{'wire MiB':>9}{'lo MiB':>8}{'theory':>8}{'d+c':>6}{'cpu':>5}  kernel")
     print(header)
     print("-" * len(header))
-    for row in report["layer"]:
-        share = row.get("dispatch_combine_forward_share")
-        kernel = row.get("kernel_path") or row.get("experts_implementation") or "dense F.linear"
-        print(f"{row['variant']:<14}{row['dtype']:<6}{row['step_s_median'] * 1e3:>9.1f}{row['gflops']:>9.1f}"
-              f"{row['fraction_of_gemm_limit']:>8.0%}"
-              f"{row['time_ratio_to_dense_ceiling']:>9.2f}{row['time_ratio_to_transformers']:>7.2f}"
-              f"{mib(row['peak_live_bytes']):>10}{row['peak_live_ratio_to_transformers']:>8.2f}"
-              f"{mib(row['peak_rss_growth_bytes']):>10}{mib(row['saved_bytes_sum']):>11}"
-              f"{row['saved_ratio_to_transformers']:>9.2f}{mib(row['saved_bytes_activations']):>9}{'' if share is None else f'{share:.1%}':>11}"
-              f"{row['cpu_share']:>6.0%}  {kernel}")
-    print("\n/limit: GFLOP/s over the raw GEMM limit of the same dtype (above). t/dense, t/hf: step time / step time of dense_ceiling, of transformers (same dtype; < 1 is faster). "
-          "live: peak bytes of live tensors in one step (benchmarks/live_bytes.py); live/hf, saved/hf: over "
-          "transformers' (same dtype). RSS+: peak RSS growth over setup (allocator-dependent). saved: bytes saved for backward (all packed tensors; "
-          "act: distinct non-parameter storages). disp+comb: autoep.dispatch + autoep.combine, forward. "
-          "cpu: CPU time / wall time of the steps (well under 100%: the machine was busy).\n")
-    header = (f"{'dtype':<6}{'ep':>3}{'procs':>6}{'step ms':>9}{'us/token':>10}{'t/ep1':>7}{'tok/s all':>11}"
-              f"{'disp+comb fwd':>15}{'a2a bwd':>9}{'RSS+ MiB':>10}{'cpu':>6}  expert rows per rank")
-    print(header)
-    print("-" * len(header))
-    for row in report["expert_parallel"]:
-        print(f"{row['dtype']:<6}{row['autoep_size']:>3}{row['processes']:>6}{row['step_s_median'] * 1e3:>9.1f}"
-              f"{row['time_per_token_us']:>10.1f}{row['time_per_token_ratio_to_ep1']:>7.2f}"
-              f"{row['tokens_per_s_all_ranks']:>11.0f}{row['dispatch_combine_forward_share']:>15.1%}"
-              f"{row['all_to_all_backward_share']:>9.1%}{mib(row['peak_rss_growth_bytes_max']):>10}"
-              f"{row['cpu_share']:>6.0%}  {row['expert_rows_per_rank']}")
-    print(f"\n{meta['tokens_per_process']} tokens per process (weak scaling); the 2 processes share this machine's "
-          f"{os.cpu_count()} cores. ep=1 on 2 processes: the control, no communication. us/token = step time / tokens "
-          "per process; t/ep1 = that over autoep's time on 1 process (ideal 1.0). Shares: of the profiled step, "
-          "mean over ranks; a2a bwd: the AllToAll backward ranges (they include waiting for the slower rank); "
-          "cpu < 100% under EP: waiting for the peer, or for a core.")
+    for r in report["rows"]:
+        lead = f"{r['family']:<12}{r['variant']:<16}{r['dtype']:<6}{r['ep']:>3}{r['processes']:>3}"
+        if "unavailable" in r:
+            print(f"{lead}  not run: {r['unavailable']}")
+            continue
+        share = r.get("dispatch_combine_forward_share")
+        print(f"{lead}{r['step_s_median'] * 1e3:>9.1f}{r['time_per_token_us']:>8.1f}{r['gflops_per_rank']:>9.1f}"
+              f"{r['fraction_of_gemm_limit']:>7.0%}{_ratio(r['time_ratio_to_transformers']):>6}"
+              f"{_ratio(r['time_ratio_to_dense_ceiling']):>8}{_ratio(r['time_ratio_to_ep1']):>6}"
+              f"{mib(r['peak_live_bytes']):>9}{_ratio(r['peak_live_ratio_to_transformers']):>8}"
+              f"{_ratio(r['saved_ratio_to_transformers']):>9}{mib(r['payload_bytes_per_step_all_ranks']):>9}"
+              f"{mib(r['loopback_bytes_per_step_all_ranks']):>8}{mib(r['theoretical_wire_bytes_per_step_all_ranks']):>8}"
+              f"{'' if share is None else f'{share:.0%}':>6}{r['cpu_share']:>5.0%}  {r['kernel'] or ''}")
+    print("\nep, pr: EP size and processes (ep 1 on 2 processes: the control, no communication). step ms: median step "
+          "of the slowest rank; us/tok: per token of one rank. /limit: GFLOP/s over the raw GEMM limit of the dtype. "
+          "t/hf, t/dense: step time over the Transformers block's, the dense ceiling's (same family and dtype, one "
+          "process; < 1 is faster); t/ep1: over the same variant at ep 1 on one process (weak scaling, ideal 1.0). "
+          "live: peak bytes of live tensors in one step (largest rank); saved/hf: saved-for-backward bytes over the "
+          "block's. wire: payload handed to all_to_all_single for other ranks, lo: loopback bytes measured, theory: "
+          "uniform routing (module docstring), per step, all ranks. d+c: autoep.dispatch + autoep.combine, share of "
+          f"the forward+backward step. cpu: CPU time / wall time (the {os.cpu_count()} cores are shared).")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -441,45 +577,38 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
 
+    import deepspeed
     import transformers
 
     load_before = os.getloadavg()
-    layer_results = {}
-    for dtype_name in DTYPES:
-        for variant in VARIANTS:
-            print(f"measuring {variant} {dtype_name} ...", file=sys.stderr, flush=True)
-            layer_results[variant, dtype_name] = run_fresh(1, variant=variant, dtype_name=dtype_name, **plan)[0]
-    limits = {}
-    for dtype_name in DTYPES:
-        print(f"measuring the raw GEMM limit {dtype_name} ...", file=sys.stderr, flush=True)
-        limits[dtype_name] = run_fresh(1, target="measure_gemm_limit", dtype_name=dtype_name, **plan)[0]
-    for dtype_name in DTYPES:
-        if layer_results["autoep", dtype_name]["kernel_path"] != "grouped_mm":
-            print(f"warning: autoep {dtype_name} ran {layer_results['autoep', dtype_name]['kernel_path']!r}, "
-                  "not grouped_mm", file=sys.stderr)
-    ep_results = {}
-    for dtype_name in DTYPES:
-        for autoep_size in (1, 2):  # 1: the control, two independent processes
-            print(f"measuring autoep_size={autoep_size} on 2 processes, {dtype_name} ...", file=sys.stderr, flush=True)
-            ep_results[autoep_size, dtype_name] = run_fresh(2, variant="autoep", dtype_name=dtype_name,
-                                                            autoep_size=autoep_size, **plan)
-    layer = layer_rows(layer_results, plan["tokens"], limits)
-    ep1 = {row["dtype"]: row["step_s_median"] for row in layer if row["variant"] == "autoep"}
+    limits = gemm_limits(plan)
+    dtypes, not_timed = timed_dtypes(limits)
+    for reason in not_timed.values():
+        print(reason, file=sys.stderr, flush=True)
+    results: dict[Key, list[dict]] = {}
+    for key in plan_runs(dtypes):
+        family, variant, dtype_name, ep, processes = key
+        print(f"measuring {family} {variant} {dtype_name} ep={ep} on {processes} process(es) ...", file=sys.stderr,
+              flush=True)
+        results[key] = run_fresh(processes, variant=variant, dtype_name=dtype_name, autoep_size=ep,
+                                 shape=dict(STANDARD, family=family), **plan)
+    for key, per_rank in results.items():
+        if key[1] == "autoep" and per_rank[0].get("kernel_path") != "grouped_mm":
+            print(f"warning: autoep {key} ran {per_rank[0].get('kernel_path')!r}, not grouped_mm", file=sys.stderr)
     report = {
         "meta": {"torch": torch.__version__, "transformers": transformers.__version__,
+                 "deepspeed": deepspeed.__version__,
                  "python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
-                 "threads_per_process": layer_results["autoep", "fp32"]["threads"],
-                 "hidden": HIDDEN, "intermediate": INTERMEDIATE, "experts": EXPERTS, "top_k": TOP_K,
-                 "tokens_per_process": plan["tokens"], "routed_rows_per_process": plan["tokens"] * TOP_K,
-                 "flop_formula": FLOP_FORMULA, "expert_flops_per_step": expert_flops(plan["tokens"] * TOP_K),
+                 "threads_per_process": 1, "shape": STANDARD,
+                 "tokens_per_process": plan["tokens"], "flop_formula": FLOP_FORMULA,
                  "timing": (f"time.perf_counter per step, {plan['warmup']} warm-up then median of {plan['steps']}; "
                             "EP: barrier before each step, slowest rank"),
-                 "plan": plan, "quick": args.quick,
-                 "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]]},
+                 "plan": plan, "quick": args.quick},
         "gemm_limit": limits,
-        "layer": layer,
-        "expert_parallel": expert_parallel_rows(ep_results, ep1, plan["tokens"]),
+        "not_timed": not_timed,
+        "rows": [row(key, per_rank, results, plan["tokens"], limits) for key, per_rank in results.items()],
     }
+    report["meta"]["load_average_1min_before_after"] = [load_before[0], os.getloadavg()[0]]
     print_tables(report)
     with open(args.out, "w") as out:
         json.dump(report, out, indent=1)
