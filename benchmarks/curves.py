@@ -127,10 +127,12 @@ def plot(records: list[dict], out_dir: str) -> list[str]:
                            marker="x", linestyle="--", label=f"loopback bytes / theory % {dtype}")
             else:
                 right.plot(xs, [r["peak_live_bytes"] / 2**20 for r in line], marker="o", label=f"{variant} {dtype}")
+        ticks = sorted({r["x"] for r in points})
         for axis in (left, right):
             axis.set_xlabel(AXES[sweep])
             if sweep in ("tokens", "experts"):
                 axis.set_xscale("log", base=2)
+            axis.set_xticks(ticks, [str(tick) for tick in ticks])
             axis.grid(True, alpha=0.3)
             axis.legend(fontsize=8)
         left.set_ylabel("time per token (us), forward + backward")

@@ -14,6 +14,7 @@ Variants:
   autoep           the block after ``autoep.apply(model, {"autoep_size": ep, "preset_model": family})``
   transformers     the original block, Transformers' default experts implementation
   deepspeed        DeepSpeed's AutoEP layer, built by ``deepspeed.initialize`` (benchmarks/peers.py)
+  torchtitan       TorchTitan's MoE, where torchtitan is installed (benchmarks/peers.py)
   transformers_ep  Transformers' expert parallelism, ``DistributedConfig(ep_size=ep)`` (benchmarks/peers.py)
   dense_ceiling    one dense SwiGLU over the routed (and shared) rows: the experts' FLOPs, no routing
   limit            the raw GEMM limit: one ``torch.mm``, one thread, the best of GEMM_SHAPES, per dtype
@@ -70,8 +71,8 @@ SEED = 0
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FAMILIES = ("mixtral", "deepseek_v3")
 # Transformers' EP at ep 1 builds no mesh: it is the transformers row, which its ep 2 row is set against.
-LAYER_VARIANTS = ("autoep", "transformers", "deepspeed", "dense_ceiling")
-EP_VARIANTS = ("autoep", "deepspeed", "transformers_ep")
+LAYER_VARIANTS = ("autoep", "transformers", "deepspeed", "torchtitan", "dense_ceiling")
+EP_VARIANTS = ("autoep", "deepspeed", "transformers_ep", "torchtitan")
 FULL = dict(tokens=4096, warmup=2, steps=10, profile_steps=2)
 QUICK = dict(tokens=1024, warmup=1, steps=2, profile_steps=1)
 RUN_TIMEOUT_S = 900.0
@@ -102,7 +103,7 @@ def moe_subject(variant: str, dtype: torch.dtype, tokens: int, autoep_size: int,
     """One MoE block of ``shape`` as ``variant`` runs it (raises peers.PeerUnavailable for a peer
     that cannot be built here)."""
     info = {}
-    if variant in ("deepspeed", "transformers_ep"):
+    if variant in ("deepspeed", "transformers_ep", "torchtitan"):
         from benchmarks import peers
 
         block, info = peers.build(variant, shape, dtype, autoep_size)
@@ -514,6 +515,23 @@ def plan_runs(dtypes: list[str]) -> list[Key]:
     return runs
 
 
+def peer_ratios(rows: list[dict]) -> list[dict]:
+    """autoep against every other variant measured at the same family, dtype, EP size and process
+    count: step time and peak live bytes, autoep's over the other's (< 1: autoep faster, smaller)."""
+    measured = {(r["family"], r["variant"], r["dtype"], r["ep"], r["processes"]): r for r in rows
+                if "unavailable" not in r}
+    ratios = []
+    for (family, variant, dtype_name, ep, processes), ours in measured.items():
+        if variant != "autoep":
+            continue
+        for (f, other, d, e, p), theirs in measured.items():
+            if (f, d, e, p) == (family, dtype_name, ep, processes) and other != "autoep":
+                ratios.append({"family": family, "dtype": dtype_name, "ep": ep, "processes": processes, "peer": other,
+                               "time_ratio": ours["step_s_median"] / theirs["step_s_median"],
+                               "peak_live_ratio": ours["peak_live_bytes"] / theirs["peak_live_bytes"]})
+    return ratios
+
+
 def mib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**20:.1f}"
 
@@ -560,6 +578,10 @@ def print_tables(report: dict) -> None:
               f"{_ratio(r['saved_ratio_to_transformers']):>9}{mib(r['payload_bytes_per_step_all_ranks']):>9}"
               f"{mib(r['loopback_bytes_per_step_all_ranks']):>8}{mib(r['theoretical_wire_bytes_per_step_all_ranks']):>8}"
               f"{'' if share is None else f'{share:.0%}':>6}{r['cpu_share']:>5.0%}  {r['kernel'] or ''}")
+    print("\nautoep over each peer at the same family, dtype, ep and processes (step time; peak live bytes):")
+    for r in report.get("peer_ratios", []):
+        print(f"  {r['family']:<12}{r['dtype']:<6}ep {r['ep']} on {r['processes']}: / {r['peer']:<16}"
+              f"time {r['time_ratio']:.2f}  live {r['peak_live_ratio']:.2f}")
     print("\nep, pr: EP size and processes (ep 1 on 2 processes: the control, no communication). step ms: median step "
           "of the slowest rank; us/tok: per token of one rank. /limit: GFLOP/s over the raw GEMM limit of the dtype. "
           "t/hf, t/dense: step time over the Transformers block's, the dense ceiling's (same family and dtype, one "
@@ -586,8 +608,14 @@ def main(argv: list[str] | None = None) -> dict:
     for reason in not_timed.values():
         print(reason, file=sys.stderr, flush=True)
     results: dict[Key, list[dict]] = {}
+    from benchmarks.peers import reason_not_run
+
     for key in plan_runs(dtypes):
         family, variant, dtype_name, ep, processes = key
+        reason = reason_not_run(variant, family, dtype_name, dtypes)
+        if reason:
+            results[key] = [{"rank": 0, "unavailable": reason}]
+            continue
         print(f"measuring {family} {variant} {dtype_name} ep={ep} on {processes} process(es) ...", file=sys.stderr,
               flush=True)
         results[key] = run_fresh(processes, variant=variant, dtype_name=dtype_name, autoep_size=ep,
@@ -608,6 +636,7 @@ def main(argv: list[str] | None = None) -> dict:
         "not_timed": not_timed,
         "rows": [row(key, per_rank, results, plan["tokens"], limits) for key, per_rank in results.items()],
     }
+    report["peer_ratios"] = peer_ratios(report["rows"])
     report["meta"]["load_average_1min_before_after"] = [load_before[0], os.getloadavg()[0]]
     print_tables(report)
     with open(args.out, "w") as out:

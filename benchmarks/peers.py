@@ -6,6 +6,8 @@ the rank processes of ``autoep.launch`` (gloo on CPU), from the same weights as 
                    ``"expert_parallel"`` block (and its ``"optimizer"`` block, as DeepSpeed documents for
                    AutoEP; ZeRO stage 0, ``"bf16"`` for bf16); the block is the engine's
                    ``model.layers[0].mlp``, DeepSpeed's replacement layer, called on its own.
+  torchtitan       TorchTitan 0.3.0's MoE (its Hugging Face backend's replacement, as conformance/titan.py
+                   applies it), where torchtitan is installed (``nox -s titan``'s environment).
   transformers_ep  Transformers' own expert parallelism: the model saved and loaded again with
                    ``from_pretrained(..., distributed_config=DistributedConfig(ep_size=ep, fsdp_size=ep))``
                    (``ep_size`` must divide ``fsdp_size * tp_size``; each rank then holds E/ep whole experts
@@ -34,12 +36,45 @@ class PeerUnavailable(Exception):
     pass
 
 
+PEERS = ("deepspeed", "transformers_ep", "torchtitan")
+
+
 def build(variant: str, shape: dict, dtype: torch.dtype, ep: int) -> tuple[torch.nn.Module, dict]:
     if variant == "deepspeed":
         return deepspeed_block(shape, dtype, ep)
     if variant == "transformers_ep":
         return transformers_ep_block(shape, dtype, ep)
-    raise ValueError(f"peer variant {variant!r}: expected 'deepspeed' or 'transformers_ep'")
+    if variant == "torchtitan":
+        return torchtitan_block(shape, dtype, ep)
+    raise ValueError(f"peer variant {variant!r}: expected one of {', '.join(PEERS)}")
+
+
+def reason_not_run(variant: str, family: str, dtype_name: str, timed: list[str]) -> str | None:
+    """Why a peer is not run here, decided before any process starts (None: run it)."""
+    if variant != "torchtitan":
+        return None
+    from conformance.titan import NOT_INSTALLED, titan_installed
+
+    if not titan_installed():
+        return NOT_INSTALLED + " (run this module with that environment's python for its rows)"
+    if family != "mixtral":
+        return ("TT-2: TorchTitan's converter drops the correction bias of this family (the conformance subject "
+                "refuses the model)")
+    if "bf16" not in timed:
+        return ("TT-5: TorchTitan's experts compute in bf16 whatever the model dtype, and bf16 is not timed on this "
+                "CPU (see above)")
+    return None
+
+
+def torchtitan_block(shape: dict, dtype: torch.dtype, ep: int) -> tuple[torch.nn.Module, dict]:
+    """TorchTitan 0.3.0's MoE swapped into the model by its Hugging Face backend, as the
+    conformance subject does it (conformance/titan.py)."""
+    from conformance.titan import TorchTitanSubject
+
+    model = blocks.build_block_model(shape, dtype)
+    TorchTitanSubject().apply(model, {"autoep_size": ep})
+    _KEEP.append(model)
+    return blocks.block_of(model), {"kernel": "torchtitan MoE (experts in bf16, TT-5)"}
 
 
 def deepspeed_config(ep: int, family: str, dtype: torch.dtype) -> dict:

@@ -179,3 +179,33 @@ def test_a_dtype_without_a_native_gemm_is_not_timed_and_the_output_says_why(monk
     (tried,) = limit["shapes"]  # the smallest: 64 tokens x top-2 = 128 rows x I x H
     assert tried == limit["best_shape"] == "routed_down"
     assert set(limit["skipped_slow"]) == set(moe_layer.GEMM_SHAPES) - {tried}
+
+
+def test_autoep_is_set_against_every_peer_measured_beside_it():
+    from benchmarks.moe_layer import peer_ratios
+
+    def r(variant, seconds, live, ep=1, processes=1, family="mixtral"):
+        return {"family": family, "variant": variant, "dtype": "fp32", "ep": ep, "processes": processes,
+                "step_s_median": seconds, "peak_live_bytes": live}
+
+    rows = [r("autoep", 1.0, 80), r("transformers", 2.0, 100), r("dense_ceiling", 0.5, 40),
+            {"family": "mixtral", "variant": "deepspeed", "dtype": "fp32", "ep": 1, "processes": 1,
+             "unavailable": "DS-1"},
+            r("autoep", 3.0, 60, ep=2, processes=2), r("transformers_ep", 6.0, 90, ep=2, processes=2),
+            r("transformers", 1.0, 1, family="deepseek_v3")]  # another family: never compared
+    ratios = {(x["ep"], x["peer"]): (x["time_ratio"], x["peak_live_ratio"]) for x in peer_ratios(rows)}
+    assert ratios == {(1, "transformers"): (0.5, 0.8), (1, "dense_ceiling"): (2.0, 2.0),
+                      (2, "transformers_ep"): (0.5, 60 / 90)}
+
+
+def test_torchtitan_rows_say_why_they_are_not_run(monkeypatch):
+    from benchmarks import peers
+    from conformance import titan
+
+    assert peers.reason_not_run("deepspeed", "mixtral", "fp32", ["fp32"]) is None
+    monkeypatch.setattr(titan, "titan_installed", lambda: False)
+    assert peers.reason_not_run("torchtitan", "mixtral", "fp32", ["fp32", "bf16"]).startswith(titan.NOT_INSTALLED)
+    monkeypatch.setattr(titan, "titan_installed", lambda: True)
+    assert peers.reason_not_run("torchtitan", "deepseek_v3", "fp32", ["fp32", "bf16"]).startswith("TT-2")
+    assert peers.reason_not_run("torchtitan", "mixtral", "fp32", ["fp32"]).startswith("TT-5")
+    assert peers.reason_not_run("torchtitan", "mixtral", "fp32", ["fp32", "bf16"]) is None
