@@ -209,3 +209,26 @@ def test_tt6_and_tt7_titan_names_break_stock_optimizer_state_and_save_pretrained
     assert "the stock AdamW state did not load" in order["detail"]
     roundtrip = run_cell(_cell("deepseek_v2-greedy-n_group1", interop="hf_roundtrip"), "torchtitan")
     assert (roundtrip["status"], roundtrip["finding"]) == ("fail", "TT-7"), roundtrip.get("detail")
+
+
+def test_bench_torchtitan_block_computes_the_stock_block_in_bf16():
+    """The benchmark's TorchTitan row (benchmarks/peers.py) times the stock block's computation:
+    a bf16 model's block after TorchTitan's replacement equals the stock block within the bf16
+    bound, output and input gradient (its fp32 model is bf16 inside: TT-5)."""
+    from benchmarks.blocks import block_of, block_output, build_block_model, layer_inputs
+    from benchmarks.peers import build
+    from conformance.tolerances import compare, tolerance
+
+    shape = dict(family="mixtral", hidden=64, intermediate=128, experts=4, top_k=2)
+    block, _ = build("torchtitan", shape, torch.bfloat16, 1)
+    stock = block_of(build_block_model(shape, torch.bfloat16))
+    x, upstream = layer_inputs(shape, 32, torch.bfloat16)
+    results = []
+    for module in (block, stock):
+        x.grad = None
+        out = block_output(module(x))
+        (out.float() * upstream).sum().backward()
+        results.append((out.detach(), x.grad.clone()))
+    tol = tolerance(torch.bfloat16)
+    assert compare("output", results[0][0], results[1][0], tol).ok
+    assert compare("input grad", results[0][1], results[1][1], tol).ok
