@@ -26,8 +26,10 @@ flag after ``_configure_distributed_model`` and replaces ``_validate_zero3_moe_c
 Private names used: ``DeepSpeedEngine._configure_distributed_model``,
 ``DeepSpeedEngine._validate_zero3_moe_compatibility``, ``deepspeed.utils.groups`` helpers
 (``_create_expert_and_data_parallel``, ``_get_expert_parallel_group``,
-``_get_expert_data_parallel_group``, ``_get_expert_parallel_group_dict``) and the module
-global ``deepspeed.DeepSpeedEngine`` (swapped during the call). They were checked against
+``_get_expert_data_parallel_group``, ``_get_expert_parallel_group_dict``), the module
+global ``deepspeed.DeepSpeedEngine`` (swapped during the call) and
+``deepspeed.runtime.base_optimizer._get_universal_checkpoint_ep_info`` (pinned to the engine's own
+EP layout during a Universal load). They were checked against
 the versions in ``TESTED_DEEPSPEED``; any other version is refused with a clear message.
 """
 
@@ -163,6 +165,24 @@ def validate_deepspeed_config(ds_config: Mapping, mpu=None) -> None:
         if quantized:
             _reject("zero_optimization.zero_quantized_gradients", True,
                     "AutoEP with ZeRO stage 3 does not support quantized gradients", "set it to false")
+
+
+@contextlib.contextmanager
+def _universal_ep_info_pinned(ep_rank_and_size: tuple[int, int]):
+    """DeepSpeed 0.19.8's ZeRO-1/2 Universal load slices expert tensors by the largest expert-parallel
+    group registered in the process (``base_optimizer._get_universal_checkpoint_ep_info``), not by the
+    engine's own: a process that built an engine at a larger EP size before (ours, or DeepSpeed's own
+    AutoEP) would slice this engine's experts by that size and fail (measured: an autoep_size 1 engine
+    loading after a DeepSpeed AutoEP engine at ep 2 took 4 of 8 experts and hit DeepSpeed's numel
+    assertion). During this engine's load the function answers this engine's (EP rank, EP size)."""
+    from deepspeed.runtime import base_optimizer
+
+    original = base_optimizer._get_universal_checkpoint_ep_info
+    base_optimizer._get_universal_checkpoint_ep_info = lambda: ep_rank_and_size
+    try:
+        yield
+    finally:
+        base_optimizer._get_universal_checkpoint_ep_info = original
 
 
 def _deepspeed_groups(autoep_size: int, use_data_before_expert_parallel: bool) -> tuple[str, ExpertParallelGroups]:
@@ -381,8 +401,10 @@ def _engine_class():
                 name, _ = _deepspeed_groups(1, False)
                 for param in untagged:
                     param.ds_zero_partition_group_name = name
+            groups = self._autoep_groups()
             try:
-                with checkpoint.safe_loading():  # DeepSpeed's own torch.load calls, too
+                with checkpoint.safe_loading(), _universal_ep_info_pinned(
+                        (groups.ep_rank, groups.ep_size) if groups is not None else (0, 1)):
                     result = super().load_checkpoint(load_dir, tag, **arguments)
             finally:
                 for param in untagged:

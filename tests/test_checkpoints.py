@@ -143,6 +143,42 @@ def test_universal_resume_on_another_topology_continues_the_same_training(stage,
     assert len(checks) > 20
 
 
+def test_universal_load_slices_by_the_engines_own_ep_layout_not_a_larger_group_left_in_the_process(tmp_path):
+    """DeepSpeed slices Universal expert tensors by the largest EP group registered in the process;
+    an earlier engine at ep 2 (ours or DeepSpeed's own AutoEP) leaves one. Found by the bench's
+    DeepSpeed peer test sharing rank processes with this file: the w4-ep2 -> w2-ep1 ZeRO-1 resume
+    then took 4 of 8 experts and failed. The autoep engine now loads by its own layout."""
+    from conformance.checkpoints import resume_elsewhere
+
+    pool = launch.shared_pool(2)
+    pool.run(_stale_expert_group, 2, True)
+    try:
+        checks = resume_elsewhere("mixtral", 1, (4, 2), (2, 1), str(tmp_path))
+    finally:
+        pool.run(_stale_expert_group, 2, False)
+    failures = [str(check) for check in checks if not check.ok]
+    assert not failures, failures
+
+
+def _stale_expert_group(size: int, present: bool) -> None:
+    """Register (or drop again) DeepSpeed's ``ep_size_<size>`` groups in this rank process, as an
+    engine built earlier in the process would have left them."""
+    import deepspeed
+    from deepspeed.utils import groups
+
+    deepspeed.init_distributed()  # DeepSpeed's comm over the rank's existing process group
+    name = f"ep_size_{size}"
+    registries = [groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
+                  groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS]
+    if present:
+        assert name not in groups._get_expert_parallel_group_dict()
+        groups._create_expert_and_data_parallel(size)
+        assert groups._get_max_expert_size_name() == name
+    else:
+        for registry in registries:
+            registry.pop(name, None)
+
+
 @pytest.fixture(scope="module")
 def saved_w4_ep2_zero3(tmp_path_factory):
     folder = tmp_path_factory.mktemp("w4-ep2-z3")
