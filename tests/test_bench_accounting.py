@@ -132,9 +132,12 @@ def test_peer_blocks_compute_the_transformers_block_at_ep_2(variant, family):
     """The bench times a peer only as built by benchmarks/peers.py: at ep 2 on 2 processes each
     rank's output and input gradient equal the stock Transformers block's on its own tokens
     (float32), so a peer row times the same computation as autoep's."""
-    from autoep.launch import shared_pool
+    from autoep.launch import RankPool
 
-    outcomes = shared_pool(2).run("tests.test_bench_accounting:_peer_against_block", variant, family)
+    # Fresh processes: the peers leave process-wide state behind (DeepSpeed's expert-group registry,
+    # Transformers' device meshes), which must not reach the shared pools of other tests.
+    with RankPool(2) as pool:
+        outcomes = pool.run("tests.test_bench_accounting:_peer_against_block", variant, family)
     for outcome in outcomes:
         assert outcome["local_experts"] == TINY["experts"] // 2, outcome
         assert outcome["output"] and outcome["input_grad"], outcome
