@@ -108,7 +108,9 @@ def findings(session, transformers):
 def tests(session):
     """Unit tests of autoep/, reference/, matrix/ and conformance/."""
     _install(session, NEWEST)
-    session.install(TORCH, MATPLOTLIB, ACCELERATE, "pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100")
+    # nox too: tests/test_device_plumbing.py drives the sessions' functions with a fake session
+    session.install(TORCH, MATPLOTLIB, ACCELERATE, "pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
+                    "nox>=2025.2")
     session.run("python", "-m", "pytest", "-n", "2", "--dist", "loadgroup", *session.posargs)
 
 

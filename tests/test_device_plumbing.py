@@ -198,3 +198,32 @@ def test_nox_conformance_runs_the_peer_after_an_autoep_failure_and_then_takes_th
     assert runs[0][0][0] == "run" and "--subject" not in runs[0][0] and runs[0][1] == [0, 1]
     assert runs[1][0][:3] == ("run", "--subject", "deepspeed") and runs[1][1] == [0, 1]
     assert runs[2] == (("report", "--profile", "smoke", "--out", "/tmp/o"), None)
+
+
+def test_nox_bench_passes_its_options_on_and_refuses_an_unknown_one():
+    pytest.importorskip("nox")
+    sys.path.insert(0, str(REPO))
+    import noxfile
+
+    class Session:
+        env: dict = {}
+        virtualenv = type("V", (), {"location": "/tmp/venv"})()
+
+        def __init__(self, posargs):
+            self.posargs, self.calls = posargs, []
+
+        def install(self, *args, **kwargs):
+            pass
+
+        def error(self, why):
+            raise SystemExit(why)
+
+        def run(self, *args, **kwargs):
+            self.calls.append(args)
+
+    session = Session(["--quick", "--out", "b.json", "--out-dir=curves"])
+    noxfile.bench(session)
+    assert session.calls == [("python", "-m", "benchmarks.moe_layer", "--quick", "--out", "b.json"),
+                             ("python", "-m", "benchmarks.curves", "--quick", "--out-dir", "curves")]
+    with pytest.raises(SystemExit, match="unknown argument '--tokens'"):
+        noxfile.bench(Session(["--tokens", "4096"]))
