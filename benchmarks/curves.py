@@ -11,12 +11,12 @@ layer table) on the standard shape (benchmarks/blocks.py STANDARD, Mixtral) with
   experts  8, 16, 32, 64 experts at top-2 and I=1024: the active FLOPs per token stay fixed while
            the parameters grow (bf16, or fp32 where bf16 is not native)
   top_k    1, 2, 4, 8 of 8 experts (likewise): the active FLOPs grow with k; GFLOP/s shows the efficiency
-
-A dtype whose raw GEMM limit here is under half of fp32's (no AMX or AVX512-BF16) is not timed, and
-the output says so (benchmarks.moe_layer.timed_dtypes).
   ep       autoep_size 1, 2, 4 on 4 processes, 4096 tokens per rank (weak scaling; ep 1 is the control:
            the same 4 processes, no communication), fp32 and bf16: time per token, the share of
            dispatch + combine in the step, and the wire bytes against uniform routing's theory
+
+A dtype whose raw GEMM limit here is under half of fp32's (no AMX or AVX512-BF16) is not timed, and
+the output says so (benchmarks.moe_layer.timed_dtypes).
 
 A sweep's points run one after another in one pool of rank processes (one thread each), 2 warm-up
 steps each (with one, the first point of a fresh process measured 343 us/token for autoep at 512
@@ -29,11 +29,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
-from benchmarks.blocks import STANDARD, expert_flops
-from benchmarks.moe_layer import RUN_TIMEOUT_S, gemm_limits, shares, theoretical_wire_bytes, timed_dtypes
+from benchmarks.blocks import STANDARD
+from benchmarks.moe_layer import RUN_TIMEOUT_S, across_ranks, gemm_limits, timed_dtypes
 
 FULL = dict(tokens=(512, 1024, 2048, 4096, 8192, 16384), experts=(8, 16, 32, 64), top_k=(1, 2, 4, 8), ep=(1, 2, 4),
             ep_tokens=4096, sweep_tokens=4096, warmup=2, steps=3, profile_steps=1)
@@ -64,23 +63,9 @@ def sweeps(plan: dict, dtypes: tuple[str, ...] = ("fp32", "bf16")) -> list[tuple
 def point_record(sweep: str, point: dict, per_rank: list[dict]) -> dict:
     shape, tokens = point["shape"], point["tokens"]
     ep = point.get("autoep_size", 1)
-    slowest = [max(steps) for steps in zip(*(result["step_s"] for result in per_rank))]
-    median = statistics.median(slowest)
-    rank_shares = [shares(result.get("profile_ms_per_step")) for result in per_rank]
     return {"sweep": sweep, "x": point["x"], "variant": point["variant"], "dtype": point["dtype_name"], "ep": ep,
             "processes": len(per_rank), "tokens_per_rank": tokens, "experts": shape["experts"], "top_k": shape["top_k"],
-            "step_s_median": median, "time_per_token_us": median / tokens * 1e6,
-            "gflops_per_rank": expert_flops(shape, tokens) / median / 1e9,
-            "peak_live_bytes": max(result["peak_live_bytes"] for result in per_rank),
-            "dispatch_combine_forward_share": (statistics.mean(s["dispatch_combine_forward_share"] for s in rank_shares)
-                                               if all(rank_shares) else None),
-            "all_to_all_backward_share": (statistics.mean(s["all_to_all_backward_share"] for s in rank_shares)
-                                          if all(rank_shares) else None),
-            "payload_bytes_per_step_all_ranks": sum(result["payload_bytes_per_step"] for result in per_rank),
-            "loopback_bytes_per_step_all_ranks": per_rank[0]["loopback_bytes_per_step"],
-            "theoretical_wire_bytes_per_step_all_ranks": len(per_rank) * theoretical_wire_bytes(
-                shape, tokens, ep, point["dtype_name"]),
-            "cpu_share": statistics.mean(sum(r["step_cpu_s"]) / sum(r["step_s"]) for r in per_rank)}
+            **across_ranks(per_rank, shape, tokens, ep, point["dtype_name"])}
 
 
 def run_sweeps(plan: dict, dtypes: tuple[str, ...]) -> list[dict]:

@@ -449,56 +449,59 @@ def theoretical_wire_bytes(shape: dict, tokens: int, ep: int, dtype_name: str) -
 Key = tuple[str, str, str, int, int]
 
 
+def across_ranks(per_rank: list[dict], shape: dict, tokens: int, ep: int, dtype_name: str) -> dict:
+    """What the table and the curves read from one run's per-rank results: the step time of the
+    slowest rank (per step, then the median), GFLOP/s per rank, peak live bytes of the largest rank,
+    wire bytes per step of all ranks (payload, loopback, theory), the mean profile shares (None
+    where a rank was not profiled) and the mean CPU share."""
+    slowest_s = [max(steps) for steps in zip(*(result["step_s"] for result in per_rank))]
+    median = statistics.median(slowest_s)
+    rank_shares = [shares(result.get("profile_ms_per_step")) for result in per_rank]
+    return {"step_s_median": median, "step_s_slowest_rank": slowest_s, "time_per_token_us": median / tokens * 1e6,
+            "gflops_per_rank": expert_flops(shape, tokens) / median / 1e9,
+            "peak_live_bytes": max(result["peak_live_bytes"] for result in per_rank),
+            **{name: statistics.mean(s[name] for s in rank_shares) if all(rank_shares) else None
+               for name in ("dispatch_combine_forward_share", "all_to_all_backward_share")},
+            "payload_bytes_per_step_all_ranks": sum(result["payload_bytes_per_step"] for result in per_rank),
+            "loopback_bytes_per_step_all_ranks": per_rank[0].get("loopback_bytes_per_step"),
+            "theoretical_wire_bytes_per_step_all_ranks": len(per_rank) * theoretical_wire_bytes(shape, tokens, ep,
+                                                                                               dtype_name),
+            "cpu_share": statistics.mean(cpu_share(result) for result in per_rank)}
+
+
 def row(key: Key, per_rank: list[dict], results: dict, tokens: int, limits: dict[str, dict]) -> dict:
-    """One table row: time (slowest rank), GFLOP/s per rank and its fraction of the limit, ratios
-    to the Transformers block and the dense ceiling of the same family and dtype (on one process),
-    memory (largest rank), wire bytes per step."""
+    """One table row: :func:`across_ranks`, the fraction of the GEMM limit, ratios to the
+    Transformers block and the dense ceiling of the same family and dtype (on one process) and to
+    the same variant at ep 1, saved-for-backward bytes and the kernel."""
     family, variant, dtype_name, ep, processes = key
-    shape = dict(STANDARD, family=family)
     base = {"family": family, "variant": variant, "dtype": dtype_name, "ep": ep, "processes": processes,
             "tokens_per_rank": tokens}
     unavailable = next((result["unavailable"] for result in per_rank if "unavailable" in result), None)
     if unavailable:
         return {**base, "unavailable": unavailable}
-    slowest_s = [max(steps) for steps in zip(*(result["step_s"] for result in per_rank))]
-    median = statistics.median(slowest_s)
-    gflops = expert_flops(shape, tokens) / median / 1e9
+    common = across_ranks(per_rank, dict(STANDARD, family=family), tokens, ep, dtype_name)
+    median, live = common["step_s_median"], common["peak_live_bytes"]
 
-    def reference(name: str) -> dict | None:
+    def reference(name: str) -> dict | None:  # ``name`` at ep 1 on one process, same family and dtype
         found = results.get((family, name, dtype_name, 1, 1))
         return None if not found or "unavailable" in found[0] else found[0]
 
-    def single(name: str) -> float | None:  # the same variant at ep 1 on one process
-        found = reference("transformers" if name == "transformers_ep" else name)
-        return statistics.median(found["step_s"]) if found else None
-
     hf, dense = reference("transformers"), reference("dense_ceiling")
-    live = max(result["peak_live_bytes"] for result in per_rank)
+    ep1 = reference("transformers" if variant == "transformers_ep" else variant) if ep > 1 else None
     saved = max(result["saved_bytes_sum"] for result in per_rank)
-    rank_shares = [shares(result.get("profile_ms_per_step")) for result in per_rank]
-    loopback = per_rank[0].get("loopback_bytes_per_step")
-    out = {**base, "step_s_median": median, "step_s_slowest_rank": slowest_s,
-           "time_per_token_us": median / tokens * 1e6, "gflops_per_rank": gflops,
-           "fraction_of_gemm_limit": gflops / limits[dtype_name]["gflops"],
-           "time_ratio_to_transformers": median / statistics.median(hf["step_s"]) if hf else None,
-           "time_ratio_to_dense_ceiling": median / statistics.median(dense["step_s"]) if dense else None,
-           "time_ratio_to_ep1": median / single(variant) if ep > 1 and single(variant) else None,
-           "peak_live_bytes": live, "peak_live_ratio_to_transformers": live / hf["peak_live_bytes"] if hf else None,
-           "saved_bytes_sum": saved, "saved_ratio_to_transformers": saved / hf["saved_bytes_sum"] if hf else None,
-           "saved_bytes_activations": max(result["saved_bytes_activations"] for result in per_rank),
-           "peak_rss_growth_bytes": max(result["peak_rss_growth_bytes"] for result in per_rank),
-           "cpu_share": statistics.mean(cpu_share(result) for result in per_rank),
-           "payload_bytes_per_step_all_ranks": sum(result["payload_bytes_per_step"] for result in per_rank),
-           "loopback_bytes_per_step_all_ranks": loopback,
-           "theoretical_wire_bytes_per_step_all_ranks": processes * theoretical_wire_bytes(shape, tokens, ep,
-                                                                                           dtype_name),
-           "kernel": per_rank[0].get("kernel_path") or per_rank[0].get("experts_implementation")
-           or per_rank[0].get("kernel"),
-           "expert_rows_per_rank": [result.get("expert_rows") for result in per_rank],
-           **{name: statistics.mean(s[name] for s in rank_shares) for name in
-              ("dispatch_combine_forward_share", "all_to_all_backward_share") if all(rank_shares)},
-           "ranks": per_rank}
-    return out
+    return {**base, **common,
+            "fraction_of_gemm_limit": common["gflops_per_rank"] / limits[dtype_name]["gflops"],
+            "time_ratio_to_transformers": median / statistics.median(hf["step_s"]) if hf else None,
+            "time_ratio_to_dense_ceiling": median / statistics.median(dense["step_s"]) if dense else None,
+            "time_ratio_to_ep1": median / statistics.median(ep1["step_s"]) if ep1 else None,
+            "peak_live_ratio_to_transformers": live / hf["peak_live_bytes"] if hf else None,
+            "saved_bytes_sum": saved, "saved_ratio_to_transformers": saved / hf["saved_bytes_sum"] if hf else None,
+            "saved_bytes_activations": max(result["saved_bytes_activations"] for result in per_rank),
+            "peak_rss_growth_bytes": max(result["peak_rss_growth_bytes"] for result in per_rank),
+            "kernel": per_rank[0].get("kernel_path") or per_rank[0].get("experts_implementation")
+            or per_rank[0].get("kernel"),
+            "expert_rows_per_rank": [result.get("expert_rows") for result in per_rank],
+            "ranks": per_rank}
 
 
 def plan_runs(dtypes: list[str]) -> list[Key]:
@@ -602,14 +605,14 @@ def main(argv: list[str] | None = None) -> dict:
     import deepspeed
     import transformers
 
+    from benchmarks.peers import reason_not_run
+
     load_before = os.getloadavg()
     limits = gemm_limits(plan)
     dtypes, not_timed = timed_dtypes(limits)
     for reason in not_timed.values():
         print(reason, file=sys.stderr, flush=True)
     results: dict[Key, list[dict]] = {}
-    from benchmarks.peers import reason_not_run
-
     for key in plan_runs(dtypes):
         family, variant, dtype_name, ep, processes = key
         reason = reason_not_run(variant, family, dtype_name, dtypes)
