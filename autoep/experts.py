@@ -154,12 +154,16 @@ expert_linear.register_autograd(_backward, setup_context=_setup_context)
 class _ExpertsMLP(torch.autograd.Function):
     """``down(gate_fn(gate_up(rows)))`` for every local expert, keeping for backward only the
     rows and the gate/up projection: the activation and its product with ``up`` (two ``[R, I]``
-    tensors autograd would keep) are recomputed from the projection in backward, and the gate/up
-    gradient is written over the projection it no longer needs (SiLU, the common case; other
-    activations take their gradient from autograd on the recomputed activation). The same
-    kernels and the same arithmetic as without recomputation, in both directions. Because its
-    backward consumes what it saved, it runs once: a second backward through the same graph
-    (``retain_graph=True``) is refused with a clear error instead of reading overwritten values."""
+    tensors autograd would keep) are recomputed from the projection in backward. The same kernels
+    and the same arithmetic as without recomputation, in both directions.
+
+    Backward touches each ``[R, I]`` element few times and allocates no ``[R, I]`` tensor beside
+    the one ``d hidden`` it needs: ``d hidden = d out down`` first, then one pass of row slices
+    (:func:`_gate_backward_rows`) evaluates the activation once per element and writes ``d gate``
+    and ``d up`` over the projection and the recomputed ``hidden`` over ``d hidden``, from which
+    ``d down = d out^T hidden`` follows. Because its backward consumes what it saved, it runs
+    once: a second backward through the same graph (``retain_graph=True``) is refused with a
+    clear error instead of reading overwritten values."""
 
     @staticmethod
     def forward(ctx, rows_RK, gate_up_EOK, down_EOK, counts_E, grouped, gate_fn, activation):
@@ -185,45 +189,46 @@ class _ExpertsMLP(torch.autograd.Function):
         grouped = ctx.grouped
         counts_E = counts_E if grouped else ctx.host_counts
         grad_RH = grad_RH.contiguous()
-        # d down = d out^T hidden per expert, with hidden recomputed slice by slice (no [R, I] temporary
-        # beside it); then d hidden = d out down, once hidden is gone.
-        hidden_RI = gate_up_RO.new_empty(gate_up_RO.shape[0], gate_up_RO.shape[1] // 2)
-        for rows in _row_slices(hidden_RI.shape[0]):
-            hidden_RI[rows] = ctx.gate_fn(*gate_up_RO[rows].chunk(2, dim=-1))
-        grad_down = _expert_weight_grad(hidden_RI, grad_RH, counts_E, grouped)
-        del hidden_RI
-        grad_hidden_RI = _expert_input_grad(down_EOK, grad_RH, counts_E, grouped)
+        grad_hidden_RI = _expert_input_grad(down_EOK, grad_RH, counts_E, grouped)  # d hidden = d out down
         ctx.consumed = True
-        grad_gate_up_RO = _gate_backward(ctx.gate_fn, ctx.activation, gate_up_RO, grad_hidden_RI)
-        del grad_hidden_RI
+        for rows in _row_slices(gate_up_RO.shape[0]):
+            gate_RI, up_RI = gate_up_RO[rows].chunk(2, dim=-1)
+            _gate_backward_rows(ctx.gate_fn, ctx.activation, gate_RI, up_RI, grad_hidden_RI[rows])
+        hidden_RI, grad_gate_up_RO = grad_hidden_RI, gate_up_RO  # what the slices left in the two buffers
+        grad_down = _expert_weight_grad(hidden_RI, grad_RH, counts_E, grouped)  # d down = d out^T hidden
+        del hidden_RI, grad_hidden_RI
         grad_rows, grad_gate_up = _expert_linear_backward_impl(rows_RK, gate_up_EOK, counts_E, grad_gate_up_RO,
                                                                grouped)
         return grad_rows, grad_gate_up, grad_down, None, None, None, None
 
 
-def _gate_backward(gate_fn, activation: str, gate_up_RO: torch.Tensor, grad_hidden_RI: torch.Tensor) -> torch.Tensor:
-    """d(gate, up) of ``gate_fn(gate, up)`` given d(hidden). SiLU: written over ``gate_up_RO``
-    (``grad_hidden_RI`` is consumed too) with the ops autograd would run: d up = d hidden *
-    silu(gate), d gate = silu_backward(d hidden * up, gate). Otherwise autograd on the recomputation."""
+def _gate_backward_rows(gate_fn, activation: str, gate_RI: torch.Tensor, up_RI: torch.Tensor,
+                        grad_hidden_RI: torch.Tensor) -> None:
+    """For ``hidden = gate_fn(gate, up)`` and ``d hidden``, in place: ``gate_RI`` becomes d gate,
+    ``up_RI`` d up and ``grad_hidden_RI`` the recomputed ``hidden``. SiLU with the ops autograd
+    would run, the activation evaluated once: d up = d hidden * silu(gate), d gate =
+    silu_backward(d hidden * up, gate), hidden = silu(gate) * up. Otherwise autograd on the
+    recomputation of these rows."""
     if activation == "silu":
-        for rows in _row_slices(gate_up_RO.shape[0]):  # slices: the silu temporary stays small
-            gate_RI, up_RI = gate_up_RO[rows].chunk(2, dim=-1)
-            grad_hidden = grad_hidden_RI[rows]
-            up_RI.mul_(grad_hidden)                                   # d act = d hidden * up
-            grad_hidden.mul_(F.silu(gate_RI))                         # d up = d hidden * silu(gate)
-            torch.ops.aten.silu_backward.grad_input(up_RI, gate_RI, grad_input=gate_RI)  # d gate
-            up_RI.copy_(grad_hidden)
-        return gate_up_RO
+        act_RI = F.silu(gate_RI)
+        grad_act_RI = up_RI * grad_hidden_RI
+        torch.ops.aten.silu_backward.grad_input(grad_act_RI, gate_RI, grad_input=gate_RI)  # d gate
+        grad_up_RI = torch.mul(grad_hidden_RI, act_RI, out=grad_act_RI)  # d act is spent: its buffer takes d up
+        torch.mul(act_RI, up_RI, out=grad_hidden_RI)                      # hidden (d hidden is spent)
+        up_RI.copy_(grad_up_RI)
+        return
     with torch.enable_grad():
-        gate_up = gate_up_RO.detach().requires_grad_()
-        recomputed_RI = gate_fn(*gate_up.chunk(2, dim=-1))
-    (grad_gate_up_RO,) = torch.autograd.grad(recomputed_RI, gate_up, grad_hidden_RI)
-    return grad_gate_up_RO
+        gate, up = gate_RI.detach().requires_grad_(), up_RI.detach().requires_grad_()
+        hidden_RI = gate_fn(gate, up)
+    grad_gate_RI, grad_up_RI = torch.autograd.grad(hidden_RI, (gate, up), grad_hidden_RI)
+    grad_hidden_RI.copy_(hidden_RI.detach())
+    gate_RI.copy_(grad_gate_RI)
+    up_RI.copy_(grad_up_RI)
 
 
-# Backward recomputes or rewrites [R, I] tensors in at most this many row slices of at least
-# _MIN_SLICE_ROWS rows: the temporaries stay a fraction of [R, I] while the number of kernel
-# launches stays small (on a GPU each slice costs a few launches).
+# Backward rewrites [R, I] tensors in at most this many row slices of at least _MIN_SLICE_ROWS
+# rows: the slice temporaries stay a fraction of [R, I] while the number of kernel launches stays
+# small (on a GPU each slice costs a few launches).
 _SLICES, _MIN_SLICE_ROWS = 4, 1024
 
 
