@@ -23,12 +23,13 @@ backward scatters each row to exactly one place (deterministic).
 
 Memory and determinism of the two ends (the routed rows are the biggest activations of a block):
 the gather of each token's K copies (:class:`_GatherRows`) and the weighted sum back
-(:class:`_WeightedSum`) are autograd functions whose backward is a gather too: a token's gradient
-is the sum of its K row gradients, and a row's gradient is its token's gradient times its weight,
-both found through the permutation and its inverse, so no scatter-add runs (no atomics on CUDA)
-and the K terms are summed in float32 (float64 for a float64 model), deterministically on every
-device. The weighted sum keeps only the expert rows in their own dtype for backward (not a
-float32 ``[T, K, H]`` copy).
+(:class:`_WeightedSum`) are autograd functions whose backward never accumulates into shared
+places: a token's gradient is the sum of its K row gradients (gathered through the inverse
+permutation), and a row's gradient is its token's gradient times its weight (written to the row's
+one place through the permutation), so no scatter-add runs (no atomics on CUDA) and the K terms
+are summed in float32 (float64 for a float64 model), in slot order, deterministically on every
+device. The weighted sum keeps only the expert rows in their own dtype for backward and works
+slot by slot in both directions: no ``[T, K, H]`` temporary, only ``[T, H]`` ones.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 class _GatherRows(torch.autograd.Function):
     """``hidden_TH[order_R // K]``: each token's row once per routed slot, expert-sorted. Backward:
     a token's gradient is the sum of its K row gradients, gathered through the inverse
-    permutation and summed in float32 (no scatter-add)."""
+    permutation and summed in slot order in the accumulation dtype (no scatter-add)."""
 
     @staticmethod
     def forward(ctx, hidden_TH, order_R, inverse_R, top_k):
@@ -121,47 +122,74 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_RH):
         (inverse_R,) = ctx.saved_tensors
-        grad_TH = _token_major(grad_RH, inverse_R, ctx.top_k).to(_accumulation_dtype(grad_RH.dtype)).sum(dim=1)
+        inverse_TK = inverse_R.view(-1, ctx.top_k)
+        # Slot by slot in slot order, through [T, H] buffers reused by every slot (no [T, K, H] one).
+        grad_TH = grad_RH.index_select(0, inverse_TK[:, 0]).to(_accumulation_dtype(grad_RH.dtype))
+        if ctx.top_k > 1:
+            slot_TH = grad_RH.new_empty(grad_TH.shape)
+            widened_TH = slot_TH if slot_TH.dtype == grad_TH.dtype else torch.empty_like(grad_TH)
+            for slot in range(1, ctx.top_k):
+                torch.index_select(grad_RH, 0, inverse_TK[:, slot], out=slot_TH)
+                if widened_TH is not slot_TH:
+                    widened_TH.copy_(slot_TH)
+                grad_TH.add_(widened_TH)
         return grad_TH.to(grad_RH.dtype), None, None, None
 
 
 class _WeightedSum(torch.autograd.Function):
     """``out_TH[t] = sum_k weights_TK[t, k] * rows_RH[inverse_R[t*K + k]]`` in the accumulation
-    dtype. Saves the rows in their own dtype (forward's float32 ``[T, K, H]`` products are
-    temporaries, never kept); backward gathers: a row's gradient is its token's gradient
-    times its weight, a weight's gradient the dot product of its token's gradient with its row."""
+    dtype, slot by slot in slot order. Saves the rows in their own dtype; no ``[T, K, H]``
+    temporary in either direction, only ``[T, H]`` ones per slot (backward runs where a step's
+    memory peaks). Backward, per slot: a row's gradient is its token's gradient times its weight,
+    written to the row's place (``index_copy_`` through a permutation: each row once, no
+    accumulation, deterministic on every device); a weight's gradient is the dot product of its
+    token's gradient with its row."""
 
     @staticmethod
-    def forward(ctx, rows_RH, weights_TK, order_R, inverse_R):
-        accumulate = _accumulation_dtype(rows_RH.dtype)
-        rows_TKH = _token_major(rows_RH, inverse_R, weights_TK.shape[1])
-        ctx.save_for_backward(rows_RH, weights_TK, order_R, inverse_R)
-        return (rows_TKH.to(accumulate) * weights_TK.to(accumulate).unsqueeze(-1)).sum(dim=1)
+    def forward(ctx, rows_RH, weights_TK, inverse_R):
+        ctx.save_for_backward(rows_RH, weights_TK, inverse_R)
+        # Each slot's rows gathered ([T, H] in their own dtype), multiplied by their weights in the
+        # accumulation dtype (the rows widened exactly inside the product), added to the running sum.
+        weights_TK = weights_TK.to(_accumulation_dtype(rows_RH.dtype))
+        inverse_TK = inverse_R.view(weights_TK.shape)
+        out_TH = None
+        for slot in range(weights_TK.shape[1]):
+            product_TH = rows_RH.index_select(0, inverse_TK[:, slot]) * weights_TK[:, slot, None]
+            out_TH = product_TH if out_TH is None else out_TH.add_(product_TH)
+        return out_TH
 
     @staticmethod
     def backward(ctx, grad_TH):
-        rows_RH, weights_TK, order_R, inverse_R = ctx.saved_tensors
+        rows_RH, weights_TK, inverse_R = ctx.saved_tensors
+        inverse_TK = inverse_R.view(weights_TK.shape)
+        weights_TK_grad_dtype = weights_TK.to(grad_TH.dtype)
+        grad_rows = rows_RH.new_empty(rows_RH.shape) if ctx.needs_input_grad[0] else None
         num_tokens, top_k = weights_TK.shape
-        grad_rows = grad_weights = None
-        # Slot by slot: backward runs where a step's memory peaks, so its float32 temporaries stay
-        # [T, H] (forward's [T, K, H] ones are gone by then).
-        weights_TK1 = weights_TK.to(grad_TH.dtype).unsqueeze(-1)
-        if ctx.needs_input_grad[0]:
-            grad_TKH = rows_RH.new_empty(num_tokens, top_k, rows_RH.shape[-1])
-            for slot in range(top_k):
-                grad_TKH[:, slot] = grad_TH * weights_TK1[:, slot]
-            grad_rows = grad_TKH.view(-1, rows_RH.shape[-1]).index_select(0, order_R)
-        if ctx.needs_input_grad[1]:
-            rows_TKH = _token_major(rows_RH, inverse_R, top_k)
-            grad_weights = torch.stack([(grad_TH * rows_TKH[:, slot].to(grad_TH.dtype)).sum(dim=-1)
-                                        for slot in range(top_k)], dim=1).to(weights_TK.dtype)
-        return grad_rows, grad_weights, None, None
+        grad_weights_KT = grad_TH.new_empty(top_k, num_tokens) if ctx.needs_input_grad[1] else None
+        # Two [T, H] buffers reused by every slot (fresh tensors of this size cost page faults on a
+        # CPU): ``product_TH`` in grad_TH's dtype, ``slot_TH`` in the rows' (one buffer when equal).
+        product_TH = torch.empty_like(grad_TH)
+        slot_TH = product_TH if rows_RH.dtype == grad_TH.dtype else rows_RH.new_empty(grad_TH.shape)
+        for slot in range(top_k):
+            rows_of_slot = inverse_TK[:, slot]
+            if grad_weights_KT is not None:  # d weight = <d out, row>, the row widened exactly
+                torch.index_select(rows_RH, 0, rows_of_slot, out=slot_TH)
+                if slot_TH is not product_TH:
+                    product_TH.copy_(slot_TH)
+                torch.sum(product_TH.mul_(grad_TH), dim=-1, out=grad_weights_KT[slot])
+            if grad_rows is not None:  # d row = d out * weight in grad_TH's dtype, rounded once to the rows'
+                torch.mul(grad_TH, weights_TK_grad_dtype[:, slot, None], out=product_TH)
+                if slot_TH is not product_TH:
+                    slot_TH.copy_(product_TH)
+                grad_rows.index_copy_(0, rows_of_slot, slot_TH)
+        grad_weights = None if grad_weights_KT is None else grad_weights_KT.t().to(weights_TK.dtype)
+        return grad_rows, grad_weights, None
 
 
 def weighted_sum(rows_RH: torch.Tensor, weights_TK: torch.Tensor, routing: LocalRouting) -> torch.Tensor:
     """Rows in the local expert-sorted order (as :func:`sort_by_expert` left them) weighted and
     summed per token: ``[T, H]`` in the accumulation dtype (float32, float64 for float64)."""
-    return _WeightedSum.apply(rows_RH, weights_TK, routing.order_R, routing.inverse_R)
+    return _WeightedSum.apply(rows_RH, weights_TK, routing.inverse_R)
 
 
 def _all_to_all(rows: torch.Tensor, receive_splits: list[int], send_splits: list[int], group) -> torch.Tensor:
