@@ -170,7 +170,10 @@ class _ExpertsMLP(torch.autograd.Function):
         # The loop reads the counts back once per step (forward and backward share the list).
         counts = counts_E if grouped else counts_E.tolist()
         gate_up_RO = _expert_linear_impl(rows_RK, gate_up_EOK, counts, grouped)
-        hidden_RI = gate_fn(*gate_up_RO.chunk(2, dim=-1))
+        gate_RI, up_RI = gate_up_RO.chunk(2, dim=-1)
+        # SiLU: the product written over the activation (the same values as silu(gate) * up, one
+        # [R, I] tensor fewer).
+        hidden_RI = F.silu(gate_RI).mul_(up_RI) if activation == "silu" else gate_fn(gate_RI, up_RI)
         out_RH = _expert_linear_impl(hidden_RI, down_EOK, counts, grouped)
         ctx.save_for_backward(rows_RK, gate_up_EOK, down_EOK, counts_E, gate_up_RO)
         ctx.grouped, ctx.gate_fn, ctx.activation, ctx.consumed = grouped, gate_fn, activation, False
@@ -191,9 +194,13 @@ class _ExpertsMLP(torch.autograd.Function):
         grad_RH = grad_RH.contiguous()
         grad_hidden_RI = _expert_input_grad(down_EOK, grad_RH, counts_E, grouped)  # d hidden = d out down
         ctx.consumed = True
-        for rows in _row_slices(gate_up_RO.shape[0]):
+        slices = list(_row_slices(gate_up_RO.shape[0]))
+        # SiLU's two slice temporaries, allocated once and reused by every slice
+        scratch = [grad_hidden_RI.new_empty(slices[0].stop - slices[0].start, grad_hidden_RI.shape[1])
+                   for _ in range(2)] if ctx.activation == "silu" and slices else None
+        for rows in slices:
             gate_RI, up_RI = gate_up_RO[rows].chunk(2, dim=-1)
-            _gate_backward_rows(ctx.gate_fn, ctx.activation, gate_RI, up_RI, grad_hidden_RI[rows])
+            _gate_backward_rows(ctx.gate_fn, ctx.activation, gate_RI, up_RI, grad_hidden_RI[rows], scratch)
         hidden_RI, grad_gate_up_RO = grad_hidden_RI, gate_up_RO  # what the slices left in the two buffers
         grad_down = _expert_weight_grad(hidden_RI, grad_RH, counts_E, grouped)  # d down = d out^T hidden
         del hidden_RI, grad_hidden_RI
@@ -203,15 +210,16 @@ class _ExpertsMLP(torch.autograd.Function):
 
 
 def _gate_backward_rows(gate_fn, activation: str, gate_RI: torch.Tensor, up_RI: torch.Tensor,
-                        grad_hidden_RI: torch.Tensor) -> None:
+                        grad_hidden_RI: torch.Tensor, scratch: list[torch.Tensor] | None = None) -> None:
     """For ``hidden = gate_fn(gate, up)`` and ``d hidden``, in place: ``gate_RI`` becomes d gate,
     ``up_RI`` d up and ``grad_hidden_RI`` the recomputed ``hidden``. SiLU with the ops autograd
     would run, the activation evaluated once: d up = d hidden * silu(gate), d gate =
-    silu_backward(d hidden * up, gate), hidden = silu(gate) * up. Otherwise autograd on the
-    recomputation of these rows."""
+    silu_backward(d hidden * up, gate), hidden = silu(gate) * up; ``scratch``: two buffers of at
+    least these rows for its temporaries. Otherwise autograd on the recomputation of these rows."""
     if activation == "silu":
-        act_RI = F.silu(gate_RI)
-        grad_act_RI = up_RI * grad_hidden_RI
+        rows = gate_RI.shape[0]
+        act_RI = torch.ops.aten.silu.out(gate_RI, out=scratch[0][:rows])
+        grad_act_RI = torch.mul(up_RI, grad_hidden_RI, out=scratch[1][:rows])
         torch.ops.aten.silu_backward.grad_input(grad_act_RI, gate_RI, grad_input=gate_RI)  # d gate
         grad_up_RI = torch.mul(grad_hidden_RI, act_RI, out=grad_act_RI)  # d act is spent: its buffer takes d up
         torch.mul(act_RI, up_RI, out=grad_hidden_RI)                      # hidden (d hidden is spent)
