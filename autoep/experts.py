@@ -201,6 +201,7 @@ class _ExpertsMLP(torch.autograd.Function):
         for rows in slices:
             gate_RI, up_RI = gate_up_RO[rows].chunk(2, dim=-1)
             _gate_backward_rows(ctx.gate_fn, ctx.activation, gate_RI, up_RI, grad_hidden_RI[rows], scratch)
+        del scratch  # before the weight gradients are allocated
         hidden_RI, grad_gate_up_RO = grad_hidden_RI, gate_up_RO  # what the slices left in the two buffers
         grad_down = _expert_weight_grad(hidden_RI, grad_RH, counts_E, grouped)  # d down = d out^T hidden
         del hidden_RI, grad_hidden_RI
