@@ -250,8 +250,15 @@ def peak_live_bytes(subject: Subject) -> int:
     return live.peak
 
 
+# The profiler events of GEMM kernels (on a CPU ``aten::_grouped_mm`` runs ``aten::mm`` per expert, its own
+# self time is the glue): what is not one of them is "outside GEMMs".
+GEMM_KERNELS = frozenset({"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"})
+
+
 def profile_labels(subject: Subject, count: int, barrier: bool) -> dict:
-    """Milliseconds per step inside each autoep label, and the profiled step itself."""
+    """Milliseconds per step: the profiled step itself (``bench.step``), inside each autoep label,
+    and ``outside_gemm``: the CPU self time of every operation in the step except the GEMM kernels
+    (elementwise passes, copies, gathers, allocation, collectives, Python between them)."""
     import torch.distributed as dist
 
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
@@ -261,11 +268,17 @@ def profile_labels(subject: Subject, count: int, barrier: bool) -> dict:
                 dist.barrier()
             with record_function("bench.step"):
                 step(subject)
+    events = profiler.events()
     totals_us: dict[str, float] = {}
-    for event in profiler.events():
+    for event in events:
         totals_us[event.name] = totals_us.get(event.name, 0.0) + event.cpu_time_total
+    steps = [(event.time_range.start, event.time_range.end) for event in events if event.name == "bench.step"]
+    outside_gemm_us = sum(event.self_cpu_time_total for event in events
+                          if event.name not in GEMM_KERNELS
+                          and any(start <= event.time_range.start <= end for start, end in steps))
     labels = ("bench.step",) + FORWARD_LABELS + NESTED_LABELS + BACKWARD_LABELS
-    return {label: totals_us.get(label, 0.0) / 1e3 / count for label in labels}
+    return {**{label: totals_us.get(label, 0.0) / 1e3 / count for label in labels},
+            "outside_gemm": outside_gemm_us / 1e3 / count}
 
 
 def rss_bytes() -> int:
@@ -332,9 +345,9 @@ def measure(variant: str, dtype_name: str, tokens: int, warmup: int, steps: int,
               "loopback_bytes_per_step": (None if loopback_before is None or loopback_after is None
                                           else (loopback_after - loopback_before) / steps),
               **saved_for_backward(subject)}
+    result["profile_ms_per_step"] = profile_labels(subject, profile_steps, barrier) if profile_steps else None
     if subject.experts is not None:
         result["kernel_path"] = subject.experts.last_path
-        result["profile_ms_per_step"] = profile_labels(subject, profile_steps, barrier) if profile_steps else None
     result.update(subject.info)
     return result
 
@@ -424,7 +437,8 @@ def run_fresh(world_size: int, target: str = "measure", **kwargs) -> list[dict]:
 
 
 def shares(profile_ms: dict | None) -> dict:
-    if not profile_ms:
+    """autoep's dispatch+combine and backward AllToAll shares of the step ({} for other variants)."""
+    if not profile_ms or not profile_ms.get("autoep.dispatch"):
         return {}
     step_ms = profile_ms["bench.step"]
     forward_ms = sum(profile_ms[label] for label in FORWARD_LABELS)
@@ -453,10 +467,12 @@ def across_ranks(per_rank: list[dict], shape: dict, tokens: int, ep: int, dtype_
     """What the table and the curves read from one run's per-rank results: the step time of the
     slowest rank (per step, then the median), GFLOP/s per rank, peak live bytes of the largest rank,
     wire bytes per step of all ranks (payload, loopback, theory), the mean profile shares (None
-    where a rank was not profiled) and the mean CPU share."""
+    where a rank was not profiled), the CPU time outside GEMMs per step of the largest rank and the
+    mean CPU share."""
     slowest_s = [max(steps) for steps in zip(*(result["step_s"] for result in per_rank))]
     median = statistics.median(slowest_s)
     rank_shares = [shares(result.get("profile_ms_per_step")) for result in per_rank]
+    outside_gemm = [(result.get("profile_ms_per_step") or {}).get("outside_gemm") for result in per_rank]
     return {"step_s_median": median, "step_s_slowest_rank": slowest_s, "time_per_token_us": median / tokens * 1e6,
             "gflops_per_rank": expert_flops(shape, tokens) / median / 1e9,
             "peak_live_bytes": max(result["peak_live_bytes"] for result in per_rank),
@@ -466,6 +482,7 @@ def across_ranks(per_rank: list[dict], shape: dict, tokens: int, ep: int, dtype_
             "loopback_bytes_per_step_all_ranks": per_rank[0].get("loopback_bytes_per_step"),
             "theoretical_wire_bytes_per_step_all_ranks": len(per_rank) * theoretical_wire_bytes(shape, tokens, ep,
                                                                                                dtype_name),
+            "outside_gemm_ms_per_step": max(outside_gemm) if None not in outside_gemm else None,
             "cpu_share": statistics.mean(cpu_share(result) for result in per_rank)}
 
 
@@ -539,6 +556,10 @@ def mib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**20:.1f}"
 
 
+def _ms(value: float | None) -> str:
+    return "" if value is None else f"{value:.0f}"
+
+
 def _ratio(value: float | None, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -565,7 +586,7 @@ def print_tables(report: dict) -> None:
     print()
     header = (f"{'family':<12}{'variant':<16}{'dtype':<6}{'ep':>3}{'pr':>3}{'step ms':>9}{'us/tok':>8}"
               f"{'GFLOP/s':>9}{'/limit':>7}{'t/hf':>6}{'t/dense':>8}{'t/ep1':>6}{'live MiB':>9}{'live/hf':>8}"
-              f"{'saved/hf':>9}{'wire MiB':>9}{'lo MiB':>8}{'theory':>8}{'d+c':>6}{'cpu':>5}  kernel")
+              f"{'saved/hf':>9}{'wire MiB':>9}{'lo MiB':>8}{'theory':>8}{'d+c':>6}{'nonGEMM':>8}{'cpu':>5}  kernel")
     print(header)
     print("-" * len(header))
     for r in report["rows"]:
@@ -580,7 +601,8 @@ def print_tables(report: dict) -> None:
               f"{mib(r['peak_live_bytes']):>9}{_ratio(r['peak_live_ratio_to_transformers']):>8}"
               f"{_ratio(r['saved_ratio_to_transformers']):>9}{mib(r['payload_bytes_per_step_all_ranks']):>9}"
               f"{mib(r['loopback_bytes_per_step_all_ranks']):>8}{mib(r['theoretical_wire_bytes_per_step_all_ranks']):>8}"
-              f"{'' if share is None else f'{share:.0%}':>6}{r['cpu_share']:>5.0%}  {r['kernel'] or ''}")
+              f"{'' if share is None else f'{share:.0%}':>6}{_ms(r.get('outside_gemm_ms_per_step')):>8}"
+              f"{r['cpu_share']:>5.0%}  {r['kernel'] or ''}")
     print("\nautoep over each peer at the same family, dtype, ep and processes (step time; peak live bytes):")
     for r in report.get("peer_ratios", []):
         print(f"  {r['family']:<12}{r['dtype']:<6}ep {r['ep']} on {r['processes']}: / {r['peer']:<16}"
@@ -592,7 +614,9 @@ def print_tables(report: dict) -> None:
           "live: peak bytes of live tensors in one step (largest rank); saved/hf: saved-for-backward bytes over the "
           "block's. wire: payload handed to all_to_all_single for other ranks, lo: loopback bytes measured, theory: "
           "uniform routing (module docstring), per step, all ranks. d+c: autoep.dispatch + autoep.combine, share of "
-          f"the forward+backward step. cpu: CPU time / wall time (the {os.cpu_count()} cores are shared).")
+          "the forward+backward step. nonGEMM: CPU ms per step outside the GEMM kernels (profiler self time of every "
+          "other op: elementwise passes, copies, gathers, collectives; largest rank). cpu: CPU time / wall time (the "
+          f"{os.cpu_count()} cores are shared).")
 
 
 def main(argv: list[str] | None = None) -> dict:
