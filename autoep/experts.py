@@ -211,12 +211,13 @@ class _ExpertsMLP(torch.autograd.Function):
 
 
 def _gate_backward_rows(gate_fn, activation: str, gate_RI: torch.Tensor, up_RI: torch.Tensor,
-                        grad_hidden_RI: torch.Tensor, scratch: list[torch.Tensor] | None = None) -> None:
+                        grad_hidden_RI: torch.Tensor, scratch: list[torch.Tensor] | None) -> None:
     """For ``hidden = gate_fn(gate, up)`` and ``d hidden``, in place: ``gate_RI`` becomes d gate,
     ``up_RI`` d up and ``grad_hidden_RI`` the recomputed ``hidden``. SiLU with the ops autograd
     would run, the activation evaluated once: d up = d hidden * silu(gate), d gate =
     silu_backward(d hidden * up, gate), hidden = silu(gate) * up; ``scratch``: two buffers of at
-    least these rows for its temporaries. Otherwise autograd on the recomputation of these rows."""
+    least these rows for its temporaries (None for other activations). Otherwise autograd on the
+    recomputation of these rows."""
     if activation == "silu":
         rows = gate_RI.shape[0]
         act_RI = torch.ops.aten.silu.out(gate_RI, out=scratch[0][:rows])
