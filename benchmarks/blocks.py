@@ -80,9 +80,11 @@ def block_of(model: torch.nn.Module) -> torch.nn.Module:
     return model.model.layers[0].mlp
 
 
-def layer_inputs(shape: dict, tokens: int, dtype: torch.dtype, device: str = "cpu", seed: int = 2):
-    """``x`` [1, T, H] in ``dtype`` (requires grad) and a fixed float32 upstream gradient."""
-    generator = torch.Generator(device=device).manual_seed(seed)
+def layer_inputs(shape: dict, tokens: int, dtype: torch.dtype, device: str = "cpu", seed: int = 2,
+                 generator: torch.Generator | None = None):
+    """``x`` [1, T, H] in ``dtype`` (requires grad) and a fixed float32 upstream gradient, drawn in that
+    order from ``generator`` (default: a new one seeded with ``seed``)."""
+    generator = generator or torch.Generator(device=device).manual_seed(seed)
     x_BTH = torch.randn(1, tokens, shape["hidden"], device=device, generator=generator).to(dtype).requires_grad_()
     upstream_BTH = torch.randn(1, tokens, shape["hidden"], device=device, generator=generator)
     return x_BTH, upstream_BTH

@@ -83,6 +83,12 @@ def run_sweeps(plan: dict, dtypes: tuple[str, ...]) -> list[dict]:
     return records
 
 
+def loopback_over_theory(record: dict) -> float | None:
+    """Loopback bytes per step over uniform routing's theory (None without traffic in theory or a count)."""
+    theory, loopback = record["theoretical_wire_bytes_per_step_all_ranks"], record["loopback_bytes_per_step_all_ranks"]
+    return loopback / theory if theory and loopback is not None else None
+
+
 AXES = {"tokens": "tokens per process", "experts": "experts (top-2, active FLOPs fixed)",
         "top_k": "top-k (of 8 experts)", "ep": f"autoep_size (on {EP_PROCESSES} processes, weak scaling)"}
 
@@ -109,8 +115,7 @@ def plot(records: list[dict], out_dir: str) -> list[str]:
             if sweep == "ep":
                 right.plot(xs, [100 * (r["dispatch_combine_forward_share"] or 0) for r in line], marker="o",
                            label=f"dispatch+combine share % {dtype}")
-                right.plot(xs, [r["loopback_bytes_per_step_all_ranks"] / r["theoretical_wire_bytes_per_step_all_ranks"]
-                                * 100 if r["theoretical_wire_bytes_per_step_all_ranks"] else 0 for r in line],
+                right.plot(xs, [100 * (loopback_over_theory(r) or 0) for r in line],
                            marker="x", linestyle="--", label=f"loopback bytes / theory % {dtype}")
             else:
                 right.plot(xs, [r["peak_live_bytes"] / 2**20 for r in line], marker="o", label=f"{variant} {dtype}")
@@ -139,9 +144,8 @@ def print_records(records: list[dict]) -> None:
     print(header)
     print("-" * len(header))
     for r in records:
-        theory = r["theoretical_wire_bytes_per_step_all_ranks"]
-        wire = (f"{r['loopback_bytes_per_step_all_ranks'] / theory:.2f}"
-                if theory and r["loopback_bytes_per_step_all_ranks"] is not None else "-")
+        wire = loopback_over_theory(r)
+        wire = "-" if wire is None else f"{wire:.2f}"
         share = r["dispatch_combine_forward_share"]
         print(f"{r['sweep']:<8}{r['x']:>7} {r['variant']:<13}{r['dtype']:<6}{r['ep']:>3}{r['processes']:>3}"
               f"{r['time_per_token_us']:>9.1f}{r['gflops_per_rank']:>9.1f}{r['peak_live_bytes'] / 2**20:>10.1f}"

@@ -39,10 +39,12 @@ What is measured:
            few hundred bytes per step): measured the same way for every variant. Theory: the
            routed rows that leave their rank under uniform routing, 4 * T*K*(ep-1)/ep rows x H x
            dtype bytes per rank and step (dispatch, combine, and both again in backward).
-  shares   torch.profiler over a few more steps: the record_function ranges of autoep/dispatch.py.
-           Forward = autoep.dispatch + autoep.combine (the outer ranges; they contain
-           count_exchange and the forward AllToAlls). AllToAll backward = the two
-           ``.backward`` ranges, which nest in nothing of ours. Shares are of the profiled steps.
+  profile  torch.profiler over a few more steps of every variant. Outside GEMMs: the CPU self time of
+           every op in a step but the GEMM kernels (GEMM_KERNELS). autoep's shares: the
+           record_function ranges of autoep/dispatch.py. Forward = autoep.dispatch + autoep.combine
+           (the outer ranges; they contain count_exchange and the forward AllToAlls). AllToAll
+           backward = the two ``.backward`` ranges, which nest in nothing of ours. Shares are of the
+           profiled steps.
 """
 
 from __future__ import annotations
@@ -122,8 +124,7 @@ def moe_subject(variant: str, dtype: torch.dtype, tokens: int, autoep_size: int,
             info["expert_rows"] = out_RH.shape[0]
 
         experts.register_forward_hook(record_rows)
-    x_BTH = torch.randn(1, tokens, shape["hidden"], generator=generator).to(dtype).requires_grad_()
-    upstream_BTH = torch.randn(1, tokens, shape["hidden"], generator=generator)
+    x_BTH, upstream_BTH = blocks.layer_inputs(shape, tokens, dtype, generator=generator)
     return Subject(lambda x: blocks.block_output(block(x)), x_BTH, upstream_BTH, list(block.parameters()),
                    experts, info)
 
@@ -556,10 +557,6 @@ def mib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**20:.1f}"
 
 
-def _ms(value: float | None) -> str:
-    return "" if value is None else f"{value:.0f}"
-
-
 def _ratio(value: float | None, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -601,7 +598,7 @@ def print_tables(report: dict) -> None:
               f"{mib(r['peak_live_bytes']):>9}{_ratio(r['peak_live_ratio_to_transformers']):>8}"
               f"{_ratio(r['saved_ratio_to_transformers']):>9}{mib(r['payload_bytes_per_step_all_ranks']):>9}"
               f"{mib(r['loopback_bytes_per_step_all_ranks']):>8}{mib(r['theoretical_wire_bytes_per_step_all_ranks']):>8}"
-              f"{'' if share is None else f'{share:.0%}':>6}{_ms(r.get('outside_gemm_ms_per_step')):>8}"
+              f"{'' if share is None else f'{share:.0%}':>6}{_ratio(r['outside_gemm_ms_per_step'], '.0f'):>8}"
               f"{r['cpu_share']:>5.0%}  {r['kernel'] or ''}")
     print("\nautoep over each peer at the same family, dtype, ep and processes (step time; peak live bytes):")
     for r in report.get("peer_ratios", []):
