@@ -9,6 +9,7 @@ from torch import nn
 
 from autoep.config import AutoEPConfig, as_config
 from autoep.detect import MoELayerSpec, detect
+from autoep.experts_level import AutoEPExpertsMixin, ExpertsSpec, build_experts, check_experts_replaceable
 from autoep.groups import ExpertParallelGroups, build_groups, check_autoep_size
 from autoep.layer import AutoEPMoELayer, build_layer, check_replaceable
 
@@ -22,13 +23,26 @@ def _resolve(config: AutoEPConfig | Mapping[str, Any] | None) -> AutoEPConfig:
     return as_config(config)
 
 
-def inspect(model: nn.Module, config: AutoEPConfig | Mapping[str, Any] | None = None) -> list[MoELayerSpec]:
-    """The MoE blocks AutoEP would replace (nothing is changed)."""
+def inspect(model: nn.Module, config: AutoEPConfig | Mapping[str, Any] | None = None
+            ) -> list[MoELayerSpec] | list[ExpertsSpec]:
+    """The MoE blocks (whole-block specs) or experts modules (experts-level specs) AutoEP would
+    replace (nothing is changed)."""
     return detect(model, _resolve(config))
 
 
-def replaced_layers(model: nn.Module) -> list[tuple[str, AutoEPMoELayer]]:
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, AutoEPMoELayer)]
+def replaced_layers(model: nn.Module) -> list[tuple[str, AutoEPMoELayer | AutoEPExpertsMixin]]:
+    """Every replaced unit as (block name, unit): an :class:`AutoEPMoELayer` (whole block), or the
+    expert-parallel experts module of a block replaced at the experts level. Both expose ``spec``
+    (``spec.experts_attr``, ``spec.preset``), ``num_experts``, ``local_expert_ids``, ``ep_groups``,
+    ``routed_experts()`` and ``expert_named_parameters()`` (the parameters sharded by expert, named
+    relative to ``f"{block name}.{spec.experts_attr}"``)."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, AutoEPMoELayer):
+            found.append((name, module))
+        elif isinstance(module, AutoEPExpertsMixin):
+            found.append((name.rpartition(".")[0], module))
+    return found
 
 
 def apply(model: nn.Module, config: AutoEPConfig | Mapping[str, Any] | None = None, group=None,
@@ -51,7 +65,10 @@ def apply(model: nn.Module, config: AutoEPConfig | Mapping[str, Any] | None = No
         raise ValueError("autoep.apply: the model already holds AutoEPMoELayer modules (applied twice?)")
     specs = detect(model, config)
     for spec in specs:  # hooks and experts implementation, before any block is replaced
-        check_replaceable(spec)
+        if isinstance(spec, ExpertsSpec):
+            check_experts_replaceable(spec, model.get_submodule(spec.experts_path))
+        else:
+            check_replaceable(spec)
     expert_counts = {spec.name: spec.num_experts for spec in specs}
     if groups is not None:
         check_autoep_size(config.autoep_size, groups.world_size, expert_counts)
@@ -61,7 +78,10 @@ def apply(model: nn.Module, config: AutoEPConfig | Mapping[str, Any] | None = No
     elif config.autoep_size > 1:
         groups = build_groups(config.autoep_size, group, expert_counts)  # validates sizes first
     for spec in specs:
-        layer = build_layer(spec, use_grouped_mm=config.use_grouped_mm, groups=groups)
-        model.set_submodule(spec.name, layer)
-    logger.info("autoep: replaced %d MoE blocks (preset %s)", len(specs), specs[0].preset)
+        if isinstance(spec, ExpertsSpec):
+            build_experts(spec, model.get_submodule(spec.experts_path), config.use_grouped_mm, groups)
+        else:
+            model.set_submodule(spec.name, build_layer(spec, use_grouped_mm=config.use_grouped_mm, groups=groups))
+    what = "experts modules (experts level)" if isinstance(specs[0], ExpertsSpec) else "MoE blocks"
+    logger.info("autoep: replaced %d %s (family %s)", len(specs), what, specs[0].preset)
     return model

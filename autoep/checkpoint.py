@@ -332,8 +332,10 @@ def remove_stale_temporaries(final: str) -> list[str]:
 
 
 def write_model_config(folder: str, model: nn.Module) -> None:
+    """The model's Transformers config, for ``autoep export-hf``; a model whose ``config`` is not a
+    Transformers config (a model built from plain modules) has none to record."""
     config = getattr(model, "config", None)
-    if config is not None:
+    if config is not None and callable(getattr(config, "to_json_string", None)):
         _atomic_write(os.path.join(folder, MODEL_CONFIG_FILE), lambda path: _write_text(path, config.to_json_string()))
 
 
@@ -489,5 +491,5 @@ def restore_experts(saved: Mapping[str, torch.Tensor], model: nn.Module) -> None
 
 def _live_expert_parameters(model: nn.Module):
     for layer_name, layer in replaced_layers(model):
-        for name, param in layer.routed_experts().named_parameters():
+        for name, param in layer.expert_named_parameters():
             yield f"{layer_name}.{layer.spec.experts_attr}.{name}", param

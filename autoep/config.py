@@ -13,6 +13,12 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 AUTO = "auto"
+REPLACEMENTS = (AUTO, "block", "experts")  # expert_parallel.replacement
+# Keys that describe the whole-block replacement (AutoEP's router and the block's parts).
+BLOCK_ONLY_KEYS = ("router_pattern", "expert_pattern", "expert_w1", "expert_w2", "num_experts_attr", "top_k_attr",
+                   "has_shared_experts", "shared_experts_pattern", "shared_experts_gate_pattern", "route_norm",
+                   "route_scale", "score_func", "top_k", "num_expert_groups", "num_limited_groups",
+                   "routed_scaling_factor")
 
 
 class AutoEPConfigError(ValueError):
@@ -48,6 +54,10 @@ class AutoEPConfig:
     has_shared_experts: bool | None = None
     shared_experts_pattern: str | None = None
     shared_experts_gate_pattern: str | None = None
+    # What is replaced: "block" (the whole MoE block: the family table's routing row, AutoEP's
+    # router), "experts" (only the fused experts module: the model's own router and block code
+    # stay), or "auto" (block where the table has a row that declares this config, else experts).
+    replacement: str = AUTO
     # Kernels.
     use_grouped_mm: bool = True
     # Routing overrides.
@@ -86,6 +96,12 @@ class AutoEPConfig:
         config._validate()
         return config
 
+    def block_only_settings(self) -> dict[str, Any]:
+        """The keys set here that only a whole-block replacement can honour (routing overrides and
+        the names of the block's parts): an experts-level replacement keeps the model's router."""
+        defaults = AutoEPConfig()
+        return {key: getattr(self, key) for key in BLOCK_ONLY_KEYS if getattr(self, key) != getattr(defaults, key)}
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
@@ -111,9 +127,12 @@ class AutoEPConfig:
 
             refusal = REFUSED_MODEL_TYPES.get(self.preset_model)
             if self.preset_model not in PRESETS and refusal is not None:
+                fix = ("" if refusal.hard else " The family runs at the experts level (its own router, AutoEP's "
+                       "experts): remove preset_model, or set replacement to 'experts'.")
                 raise AutoEPConfigError(
-                    f"expert_parallel.preset_model={show(self.preset_model)} names a MoE family AutoEP refuses: "
-                    f"{refusal.reason} (established on transformers{refusal.versions}).")
+                    f"expert_parallel.preset_model={show(self.preset_model)} names a MoE family without a whole-block "
+                    f"row{' that AutoEP refuses in every mode' if refusal.hard else ''}: {refusal.reason} (established "
+                    f"on transformers{refusal.versions}).{fix}")
             if self.preset_model not in PRESETS:
                 raise AutoEPConfigError(
                     f"expert_parallel.preset_model={show(self.preset_model)} is not a known preset. "
@@ -128,6 +147,12 @@ class AutoEPConfig:
                 "expert_parallel.num_expert_groups and expert_parallel.num_limited_groups must be set together "
                 f"(got num_expert_groups={show(self.num_expert_groups)}, "
                 f"num_limited_groups={show(self.num_limited_groups)}).")
+        block_only = self.block_only_settings()
+        if self.replacement == "experts" and block_only:
+            raise AutoEPConfigError(
+                f"expert_parallel.replacement='experts' keeps the model's own router and block, but "
+                f"{', '.join(f'expert_parallel.{key}={show(value)}' for key, value in block_only.items())} "
+                "describe(s) AutoEP's whole-block replacement; remove them or set replacement to 'block' or 'auto'.")
         if self.moe_layer_pattern is not None:
             import re
 
@@ -202,6 +227,8 @@ def _check(key: str, value: Any) -> Any:
     if key in _POSITIVE_INT_OR_NULL:
         return _expect(key, value, value is None or (_is_int(value) and value >= 1),
                        f"a positive integer <= {MAX_INT} or null")
+    if key == "replacement":
+        return _expect(key, value, value in REPLACEMENTS, '"auto", "block" or "experts"')
     if key == "score_func":
         return _expect(key, value, value in (AUTO, "softmax", "sigmoid"), '"auto", "softmax" or "sigmoid"')
     if key == "top_k":

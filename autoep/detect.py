@@ -20,7 +20,9 @@ from torch import nn
 from autoep.activations import (CLAMP_ATTRIBUTES, CLAMPED_SWIGLU, CONFIG_NAMES, UnsupportedActivationError,
                                 clamped_swiglu_params, has_custom_gate, identify_activation)
 from autoep.config import AUTO, AutoEPConfig
-from autoep.presets import MODEL_TYPE_TO_PRESET, PRESETS, REFUSED_MODEL_TYPES, Preset
+from autoep.experts_level import ExpertsSpec, experts_spec, interface_modules
+from autoep.interface import ExpertsInterfaceError, overrides_interface
+from autoep.presets import FAMILIES, MODEL_TYPE_TO_PRESET, PRESETS, REFUSED_MODEL_TYPES, Preset
 from autoep.routing import RoutingSpec
 from autoep.versions import UnsupportedTransformersError, at_least, transformers_version
 
@@ -58,6 +60,7 @@ class MoELayerSpec:
     activation_params: tuple[float, ...] = ()
     shared_activation_params: tuple[float, ...] = ()
     block: nn.Module | None = field(default=None, repr=False, compare=False)
+    mode = "block"  # the whole block is replaced (autoep.experts_level.ExpertsSpec: "experts")
 
     @property
     def shared_kind(self) -> str:
@@ -97,8 +100,10 @@ def resolve_preset(model: nn.Module, config: AutoEPConfig) -> tuple[Preset, str]
         refusal = REFUSED_MODEL_TYPES.get(model_type) or REFUSED_MODEL_TYPES.get(outer_type)
         if name is None and refusal is not None:
             raise DetectionError(
-                f"model.config.model_type={outer_type!r} is a MoE family AutoEP refuses: {refusal.reason} "
+                f"model.config.model_type={outer_type!r} has no whole-block row in the family table: {refusal.reason} "
                 f"(established on transformers{refusal.versions}; `autoep inspect --families` lists every family).")
+        if name is None:
+            name = _family_by_block_class(model)
         if name is None:
             raise DetectionError(
                 f"model.config.model_type={outer_type!r} has no built-in AutoEP preset; set "
@@ -109,6 +114,21 @@ def resolve_preset(model: nn.Module, config: AutoEPConfig) -> tuple[Preset, str]
         logger.info("autoep: preset %r chosen from model.config.model_type=%r", name, model_type)
     check_transformers_for(preset)
     return preset, model_type
+
+
+def _family_by_block_class(model: nn.Module) -> str | None:
+    """The one table row whose block class the model holds (a model type built from another
+    family's classes, e.g. sarvam_mla from DeepseekV3*), or None; several is ambiguous."""
+    if not isinstance(model, nn.Module):
+        return None
+    classes = {type(module).__name__ for module in model.modules()}
+    names = sorted({family.name for family in FAMILIES for block in family.block_classes.values() if block in classes})
+    if len(names) > 1:
+        raise DetectionError(f"{type(model).__name__} holds the blocks of several families {names}: set "
+                             "expert_parallel.preset_model to the one to replace")
+    if names:
+        logger.info("autoep: preset %r chosen by the class of the model's MoE blocks", names[0])
+    return names[0] if names else None
 
 
 def check_transformers_for(preset: Preset) -> None:
@@ -158,7 +178,21 @@ def _routing_for(preset: Preset, cfg, num_experts: int, top_k: int, config: Auto
 
 
 def _shape(tensor) -> tuple[int, ...]:
-    return tuple(tensor.shape)
+    """A tensor's full shape (DeepSpeed ZeRO-3 keeps it in ``ds_shape``; the local tensor is empty)."""
+    return tuple(getattr(tensor, "ds_shape", None) or tensor.shape)
+
+
+def _has_row_structure(module: nn.Module, router_attr: str, experts_attr: str, gate_up_name: str, down_name: str,
+                       num_experts: int, intermediate: int, hidden: int) -> bool:
+    """``module`` holds a router and fused experts under the row's names with the row's shapes."""
+    router, experts = getattr(module, router_attr, None), getattr(module, experts_attr, None)
+    if not isinstance(router, nn.Module) or not isinstance(experts, nn.Module):
+        return False
+    weight = getattr(router, "weight", None)
+    gate_up, down = getattr(experts, gate_up_name, None), getattr(experts, down_name, None)
+    return (isinstance(weight, torch.Tensor) and _shape(weight) == (num_experts, hidden)
+            and isinstance(gate_up, torch.Tensor) and _shape(gate_up) == (num_experts, 2 * intermediate, hidden)
+            and isinstance(down, torch.Tensor) and _shape(down) == (num_experts, hidden, intermediate))
 
 
 # expert_parallel.moe_layer_pattern is a Python regular expression, and Python's `re` has no
@@ -200,8 +234,90 @@ def match_module_names(pattern: str, names: list[str], budget_s: float | None = 
     return set(json.loads(done.stdout))
 
 
-def detect(model: nn.Module, config: AutoEPConfig) -> list[MoELayerSpec]:
-    """Return one spec per MoE block of ``model`` (in module order)."""
+def detect(model: nn.Module, config: AutoEPConfig) -> list[MoELayerSpec] | list[ExpertsSpec]:
+    """One spec per MoE block of ``model`` (in module order): :class:`MoELayerSpec` for a whole-block
+    replacement (a family-table row declares the routing), :class:`ExpertsSpec` for an experts-level
+    one (the model's own router stays). ``expert_parallel.replacement`` chooses; ``"auto"`` takes the
+    whole block where a row declares this model's routing, and the experts level where none does
+    (no row, a refused family, or a config the row cannot declare: the reason is logged)."""
+    refusal = _refusal(model)
+    if refusal is not None and refusal.hard:
+        raise DetectionError(
+            f"model.config.model_type={getattr(model.config, 'model_type', None)!r} is a MoE family AutoEP refuses in "
+            f"every mode: {refusal.reason} (established on transformers{refusal.versions}; `autoep inspect "
+            "--families` lists every family).")
+    if config.replacement == "experts":
+        return detect_experts_level(model, config, "expert_parallel.replacement='experts'")
+    try:
+        return detect_blocks(model, config)
+    except DetectionError as error:
+        # A named preset or a setting of the whole-block replacement says which one the user wants.
+        if config.replacement == "block" or config.preset_model is not None or config.block_only_settings():
+            raise
+        try:
+            specs = detect_experts_level(model, config, str(error))
+        except DetectionError as experts_error:
+            raise DetectionError(f"{error} (the experts-level replacement is not possible either: "
+                                 f"{experts_error})") from None
+        logger.warning("autoep: %s: no whole-block replacement (%s); replacing the experts modules only (the model's "
+                       "own router and block code stay); set expert_parallel.replacement to 'experts' to choose this "
+                       "without the warning", type(model).__name__, error)
+        return specs
+
+
+def _refusal(model: nn.Module):
+    if not hasattr(model, "config"):
+        return None
+    model_type, outer_type = model_types(model)
+    return REFUSED_MODEL_TYPES.get(model_type) or REFUSED_MODEL_TYPES.get(outer_type)
+
+
+def model_types(model: nn.Module) -> tuple[str | None, str | None]:
+    """(text backbone's model type, the model's own)."""
+    return getattr(text_config(model), "model_type", None), getattr(model.config, "model_type", None)
+
+
+def detect_experts_level(model: nn.Module, config: AutoEPConfig, reason: str) -> list[ExpertsSpec]:
+    """One :class:`ExpertsSpec` per experts module with Transformers' uniform interface (narrowed
+    by ``moe_layer_pattern``, matched against the experts module's name or its parent's)."""
+    model_type, outer_type = model_types(model) if hasattr(model, "config") else (None, None)
+    family = MODEL_TYPE_TO_PRESET.get(model_type) or MODEL_TYPE_TO_PRESET.get(outer_type) or model_type or \
+        outer_type or type(model).__name__
+    found = interface_modules(model)
+    if config.moe_layer_pattern:
+        names = [name for name, _ in found] + [name.rpartition(".")[0] for name, _ in found]
+        matched = match_module_names(config.moe_layer_pattern, names)
+        found = [item for index, item in enumerate(found) if index in matched or index + len(found) in matched]
+    if not found:
+        refusal = REFUSED_MODEL_TYPES.get(model_type) or REFUSED_MODEL_TYPES.get(outer_type)
+        overriding = [f"{name} ({type(module).__name__})" for name, module in model.named_modules()
+                      if overrides_interface(module)]
+        others = other_fused_experts(model, [])
+        detail = (f"; {type(model).__name__} holds fused experts without the interface: {', '.join(others[:4])}"
+                  if others else "")
+        if overriding:
+            detail += (f"; experts classes that override the interface's forward (computing what its flags do not "
+                       f"describe): {', '.join(overriding[:4])}")
+        where = f" matching moe_layer_pattern {config.moe_layer_pattern!r}" if config.moe_layer_pattern else ""
+        message = (f"no experts module with Transformers' uniform interface (@use_experts_implementation){where} "
+                   f"found in {type(model).__name__}{detail}")
+        if refusal is not None:
+            message += f"; model type {outer_type!r}: {refusal.reason}"
+        raise DetectionError(message)
+    specs = []
+    for name, module in found:
+        try:
+            specs.append(experts_spec(name, module, family, model_type or outer_type or "-", reason))
+        except ExpertsInterfaceError as error:
+            raise DetectionError(str(error)) from None
+        specs[-1].block = model.get_submodule(specs[-1].name) if specs[-1].name else model
+    if not config.moe_layer_pattern:
+        _warn_other_moe_blocks(model, specs, "whose experts modules have the uniform interface")
+    return specs
+
+
+def detect_blocks(model: nn.Module, config: AutoEPConfig) -> list[MoELayerSpec]:
+    """Whole-block detection: one :class:`MoELayerSpec` per block the family row describes."""
     preset, model_type = resolve_preset(model, config)
     cfg = text_config(model)
     block_class = preset.block_classes.get(model_type) or preset.block_classes.get(
@@ -258,21 +374,32 @@ def detect(model: nn.Module, config: AutoEPConfig) -> list[MoELayerSpec]:
 
     specs: list[MoELayerSpec] = []
     modules = list(model.named_modules())
-    matched = match_module_names(config.moe_layer_pattern, [name for name, _ in modules]) if pattern else None
+    if pattern is not None:
+        chosen = match_module_names(config.moe_layer_pattern, [name for name, _ in modules])
+    else:
+        chosen = {index for index, (_, module) in enumerate(modules) if type(module).__name__ == block_class}
+        if not chosen:  # by structure: the row's router and experts names with the row's shapes, whatever the class
+            chosen = {index for index, (_, module) in enumerate(modules)
+                      if _has_row_structure(module, router_attr, experts_attr, gate_up_name, down_name, num_experts,
+                                            intermediate, hidden)}
+            if chosen:
+                logger.info("autoep: %d MoE blocks found by structure (router %r, experts %r with %s/%s of the "
+                            "preset's shapes) in %s", len(chosen), router_attr, experts_attr, gate_up_name, down_name,
+                            type(model).__name__)
     for index, (name, module) in enumerate(modules):
-        if matched is not None:
-            if index not in matched:
-                continue
-        elif type(module).__name__ != block_class:
+        if index not in chosen:
             continue
         specs.append(_check_block(
             name, module, preset, model_type, routing, num_experts, top_k, hidden, intermediate, activation,
             router_attr, experts_attr, gate_up_name, down_name, shared_attr, shared_gate_attr))
     if not specs:
-        where = f"matching moe_layer_pattern {config.moe_layer_pattern!r}" if pattern else f"of class {block_class}"
+        where = (f"matching moe_layer_pattern {config.moe_layer_pattern!r}" if pattern else
+                 f"of class {block_class} or with the preset's structure (a router {router_attr!r} with a weight "
+                 f"[{num_experts}, {hidden}], experts {experts_attr!r} with {gate_up_name} [{num_experts}, "
+                 f"{2 * intermediate}, {hidden}] and {down_name} [{num_experts}, {hidden}, {intermediate}])")
         raise DetectionError(f"no MoE block {where} found in {type(model).__name__} (preset {preset.name!r}).")
     if pattern is None:
-        _warn_other_moe_blocks(model, specs, preset)
+        _warn_other_moe_blocks(model, specs, f"the {preset.name!r} family describes")
     return specs
 
 
@@ -285,7 +412,7 @@ def other_fused_experts(model: nn.Module, specs: list[MoELayerSpec]) -> list[str
                    and not name.startswith(covered)})
 
 
-def _warn_other_moe_blocks(model: nn.Module, specs: list[MoELayerSpec], preset: Preset) -> None:
+def _warn_other_moe_blocks(model: nn.Module, specs: list, described: str) -> None:
     """Experts the family row does not describe stay the stock modules: computed exactly, but dense
     (every rank holds all of them; their gradients reduce like any replicated parameter). Said once,
     so a user never mistakes them for expert-parallel ones."""
@@ -294,10 +421,10 @@ def _warn_other_moe_blocks(model: nn.Module, specs: list[MoELayerSpec], preset: 
         shown = ", ".join(f"{name} ({type(model.get_submodule(name)).__name__})" for name in others[:4])
         more = f" and {len(others) - 4} more" if len(others) > 4 else ""
         logger.warning(
-            "autoep: %s holds fused experts outside the %d MoE blocks the %r family describes: %s%s. They stay "
+            "autoep: %s holds fused experts outside the %d MoE blocks %s: %s%s. They stay "
             "dense, unreplaced (replicated on every rank, not expert-parallel); set expert_parallel."
             "moe_layer_pattern to choose the blocks explicitly and silence this.", type(model).__name__, len(specs),
-            preset.name, shown, more)
+            described, shown, more)
 
 
 def experts_activation(where: str, experts: nn.Module, config_activation) -> str:

@@ -51,7 +51,6 @@ from autoep import checkpoint
 from autoep.api import apply, inspect, replaced_layers
 from autoep.config import AutoEPConfig, AutoEPConfigError, show
 from autoep.groups import ExpertParallelGroups, check_autoep_size
-from autoep.layer import AutoEPMoELayer
 
 logger = logging.getLogger("autoep")
 
@@ -202,7 +201,7 @@ def _tag_expert_parameters(model: nn.Module, group_name: str, stage: int) -> Non
     from deepspeed.utils import groups as ds_groups
 
     for _, layer in replaced_layers(model):
-        for param in layer.routed_experts().parameters():
+        for _, param in layer.expert_named_parameters():
             param.allreduce = False  # deepspeed.moe.utils.is_moe_param
             param.group_name = group_name
             if stage == 3:
@@ -246,7 +245,7 @@ def _engine_class():
 
         def _configure_distributed_model(self, model):
             super()._configure_distributed_model(model)
-            layers = [m for m in self.module.modules() if isinstance(m, AutoEPMoELayer) and m.ep_groups is not None]
+            layers = [unit for _, unit in replaced_layers(self.module) if unit.ep_groups is not None]
             if layers:
                 self.has_moe_layers = True
                 self.num_experts = [layer.num_experts for layer in layers]
@@ -392,7 +391,7 @@ def _engine_class():
             except checkpoint.AutoEPCheckpointError as caught:
                 problems = [str(caught)]
             self._autoep_agree(folder, problems)  # collective
-            experts = [param for _, layer in replaced_layers(self.module) for param in layer.routed_experts().parameters()]
+            experts = [param for _, layer in replaced_layers(self.module) for _, param in layer.expert_named_parameters()]
             untagged = [param for param in experts if not hasattr(param, "ds_zero_partition_group_name")]
             if self.zero_optimization_stage() == 3 and untagged:
                 # ZeRO-3 slices a Universal expert tensor by the parameter's EP group name; at

@@ -48,12 +48,47 @@ def check_experts_implementation(value, where: str = "the model") -> str:
     return value
 
 
-def grouped_mm_supported(dtype: torch.dtype, hidden: int, intermediate: int) -> bool:
-    """grouped_mm needs fp32/bf16/fp16 and 16-byte aligned strides for [*, H] and [*, I] rows."""
+def grouped_mm_supported(dtype: torch.dtype, *widths: int) -> bool:
+    """grouped_mm needs fp32/bf16/fp16 and 16-byte aligned strides for rows of every width
+    (hidden, expert width, and the output width when it differs)."""
     if dtype not in _GROUPED_MM_DTYPES or not hasattr(F, "grouped_mm"):
         return False
     elements_per_16_bytes = 16 // torch.tensor([], dtype=dtype).element_size()
-    return hidden % elements_per_16_bytes == 0 and intermediate % elements_per_16_bytes == 0
+    return all(width % elements_per_16_bytes == 0 for width in widths)
+
+
+def kernel_for(implementation: str, dtype: torch.dtype, widths: tuple[int, ...]) -> str:
+    """The kernel an experts implementation runs: "batched_mm", "grouped_mm" where it accepts the
+    dtype and row widths, else (and for "eager") the per-expert "loop"."""
+    if implementation == "batched_mm":
+        return "batched_mm"
+    if implementation == "grouped_mm" and grouped_mm_supported(dtype, *widths):
+        return "grouped_mm"
+    return "loop"
+
+
+def linear_by_kernel(kernel: str, rows_RK: torch.Tensor, weight_EOK: torch.Tensor, counts_E: torch.Tensor,
+                     expert_R: torch.Tensor | None) -> torch.Tensor:
+    """Each row times its expert's weight ``[E, out, in]`` with ``kernel`` ("grouped_mm", "batched_mm"
+    (needs ``expert_R``, each row's local expert) or "loop"); rows sorted by expert, ``counts_E`` each.
+    Under torch.compile, grouped_mm in a dtype its fake kernel refuses, and the loop, run inside the
+    opaque op :func:`expert_linear`."""
+    if kernel == "batched_mm":
+        return _batched_linear(rows_RK, weight_EOK, expert_R)
+    compiling = torch.compiler.is_compiling()
+    if kernel == "grouped_mm" and not (compiling and weight_EOK.dtype != torch.bfloat16):
+        return _grouped_linear(rows_RK, weight_EOK, _offsets(counts_E))
+    if compiling:
+        return expert_linear(rows_RK, weight_EOK, counts_E, kernel == "grouped_mm")
+    return _loop_linear(rows_RK, weight_EOK, counts_E)
+
+
+def expert_mlp(rows_RK: torch.Tensor, gate_up_EOK: torch.Tensor, down_EOK: torch.Tensor, counts_E: torch.Tensor,
+               grouped: bool, gate_fn, activation: str) -> torch.Tensor:
+    """``down(gate_fn(gate, up))`` per expert, gate/up the halves of ``gate_up`` (both weights
+    ``[E, out, in]``), with the activation recomputed in backward (:class:`_ExpertsMLP`);
+    ``activation == "silu"`` takes the fused SiLU path, anything else autograd on ``gate_fn``."""
+    return _ExpertsMLP.apply(rows_RK, gate_up_EOK, down_EOK, counts_E, grouped, gate_fn, activation)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -337,24 +372,8 @@ class GroupedExperts(nn.Module):
 
     def kernel(self) -> str:
         """What the next call runs: "grouped_mm", "batched_mm" or "loop"."""
-        implementation = self.implementation()
-        if implementation == "batched_mm":
-            return "batched_mm"
         gate_up, down = self.gate_up, self.down
-        if implementation == "grouped_mm" and grouped_mm_supported(gate_up.dtype, gate_up.shape[2], down.shape[2]):
-            return "grouped_mm"
-        return "loop"
-
-    def _linear(self, kernel: str, rows_RK: torch.Tensor, weight_EOK: torch.Tensor, counts_E: torch.Tensor,
-                expert_R: torch.Tensor | None) -> torch.Tensor:
-        if kernel == "batched_mm":
-            return _batched_linear(rows_RK, weight_EOK, expert_R)
-        compiling = torch.compiler.is_compiling()
-        if kernel == "grouped_mm" and not (compiling and weight_EOK.dtype != torch.bfloat16):
-            return _grouped_linear(rows_RK, weight_EOK, _offsets(counts_E))
-        if compiling:  # grouped_mm in a dtype its fake kernel refuses, or the loop: the opaque op
-            return expert_linear(rows_RK, weight_EOK, counts_E, kernel == "grouped_mm")
-        return _loop_linear(rows_RK, weight_EOK, counts_E)
+        return kernel_for(self.implementation(), gate_up.dtype, (gate_up.shape[2], down.shape[2]))
 
     def forward(self, rows_RH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """``rows_RH`` sorted by local expert; ``tokens_per_expert_E`` counts them (sums to R)."""
@@ -369,10 +388,11 @@ class GroupedExperts(nn.Module):
         if kernel != "batched_mm" and not torch.compiler.is_compiling() and torch.is_grad_enabled():
             # The memory-lean path (activation recomputed in backward); under torch.compile the
             # partitioner decides what to recompute, and batched_mm keeps its gathered weights.
-            return _ExpertsMLP.apply(rows_RH, gate_up, down, tokens_per_expert_E, kernel == "grouped_mm",
-                                     self.gate_fn, self.activation)
-        gate_up_RO = self._linear(kernel, rows_RH, gate_up, tokens_per_expert_E, expert_R)
-        return self._linear(kernel, self.gate_fn(*gate_up_RO.chunk(2, dim=-1)), down, tokens_per_expert_E, expert_R)
+            return expert_mlp(rows_RH, gate_up, down, tokens_per_expert_E, kernel == "grouped_mm", self.gate_fn,
+                              self.activation)
+        gate_up_RO = linear_by_kernel(kernel, rows_RH, gate_up, tokens_per_expert_E, expert_R)
+        return linear_by_kernel(kernel, self.gate_fn(*gate_up_RO.chunk(2, dim=-1)), down, tokens_per_expert_E,
+                                expert_R)
 
     def gate_fn(self, gate_RI: torch.Tensor, up_RI: torch.Tensor) -> torch.Tensor:
         """The gated activation: ``act(gate) * up``, or the clamped SwiGLU."""

@@ -38,7 +38,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     or ZeRO-3: every rank, same order)."""
     import torch.distributed as dist
 
-    experts = {id(param): layer for _, layer in replaced_layers(model) for param in layer.routed_experts().parameters()}
+    experts = {id(param): layer for _, layer in replaced_layers(model) for _, param in layer.expert_named_parameters()}
     params = dict(model.named_parameters(remove_duplicate=False))
     state = {}
     for name, value in model.state_dict(keep_vars=True).items():

@@ -20,13 +20,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from autoep.layer import AutoEPMoELayer
 
 
-def expert_parameters(model: nn.Module) -> dict[int, AutoEPMoELayer]:
-    """id(parameter) -> the AutoEP layer whose routed experts it belongs to."""
-    return {id(param): layer for layer in model.modules() if isinstance(layer, AutoEPMoELayer)
-            for param in layer.routed_experts().parameters()}
+def expert_parameters(model: nn.Module) -> dict[int, nn.Module]:
+    """id(parameter) -> the replaced unit (autoep.api.replaced_layers) whose experts it is a slice of."""
+    from autoep.api import replaced_layers
+
+    return {id(param): unit for _, unit in replaced_layers(model) for _, param in unit.expert_named_parameters()}
 
 
 @torch.no_grad()

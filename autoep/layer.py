@@ -88,6 +88,10 @@ class AutoEPMoELayer(nn.Module):
     def routed_experts(self) -> GroupedExperts:
         return self._modules[self.spec.experts_attr]
 
+    def expert_named_parameters(self):
+        """(name, parameter) of the parameters sharded by expert, relative to the experts module."""
+        return list(self.routed_experts().named_parameters())
+
     def shared_mlp(self) -> nn.Module | None:
         return self._modules.get(self.spec.shared_attr) if self.spec.shared_attr else None
 

@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 import torch
 
 import autoep
+from autoep.experts_level import AutoEPExpertsMixin, ExpertsSpec
+from autoep.interface import is_interface_module
 from autoep.routing import router_logits
 from conformance.models import ModelCase
 from conformance.subjects import Subject
 from conformance.tolerances import Comparison, Tolerance, compare, set_cuda_numerics, tolerance
-from reference.model import BlockLayout, ReferenceModel, block_weights
+from reference.model import BlockLayout, ExpertsModuleLayout, ReferenceExperts, ReferenceModel, block_weights
 from reference.moe import decision_margin, reference_block
 
 
@@ -59,10 +61,60 @@ class EquivalenceResult:
         }
 
 
-def layouts(specs: list[autoep.MoELayerSpec]) -> list[BlockLayout]:
-    return [BlockLayout(s.name, s.routing, s.router_attr, s.experts_attr, s.gate_up_name, s.down_name,
+def layouts(specs: list) -> list[BlockLayout | ExpertsModuleLayout]:
+    """The reference's layout of each spec: a whole block (:class:`autoep.MoELayerSpec`), or an
+    experts module replaced at the experts level (:class:`autoep.experts_level.ExpertsSpec`)."""
+    return [ExpertsModuleLayout(s.experts_path, s.layout.flags, s.gate, s.layout.up_name)
+            if isinstance(s, ExpertsSpec) else
+            BlockLayout(s.name, s.routing, s.router_attr, s.experts_attr, s.gate_up_name, s.down_name,
                         s.shared_attr, s.shared_gate_attr, s.activation, s.shared_activation,
                         s.activation_params, s.shared_activation_params) for s in specs]
+
+
+def _is_experts_call_target(module: torch.nn.Module) -> bool:
+    return isinstance(module, (AutoEPExpertsMixin, ReferenceExperts)) or is_interface_module(module)
+
+
+def experts_level(model: torch.nn.Module) -> bool:
+    """Whether ``model`` routes with its own routers into experts modules (an experts-level subject,
+    a stock model with the uniform interface, or a ReferenceModel of experts-level layouts)."""
+    if isinstance(model, ReferenceModel):
+        return model.experts_level
+    if autoep.replaced_layers(model):
+        return isinstance(autoep.replaced_layers(model)[0][1], AutoEPExpertsMixin)
+    return False
+
+
+def experts_decisions(model: torch.nn.Module, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """The experts every token was routed to (``top_k_index``, each row sorted) at every call of an
+    experts module, in call order: what an experts-level model decided on ``input_ids``."""
+    root = model.model if isinstance(model, ReferenceModel) else model
+    captured: list[torch.Tensor] = []
+
+    def capture(module, args, kwargs):
+        index = args[1] if len(args) > 1 else list(kwargs.values())[1 - len(args)]
+        captured.append(index.detach().reshape(-1, index.shape[-1]).sort(dim=-1).values.cpu())
+
+    hooks = [module.register_forward_pre_hook(capture, with_kwargs=True) for module in root.modules()
+             if _is_experts_call_target(module)]
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids.to(_device_of(model)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
+def decisions_agree(models: list[torch.nn.Module], input_ids: torch.Tensor) -> bool:
+    """Every model made the same routing decisions (experts-level models have no declared routing
+    whose margins could be measured: a batch is usable when the models, which differ in precision
+    and arithmetic, all chose the same experts for every token; the first model is also run in
+    float64 so that a single model's decisions are checked against a perturbation too)."""
+    runs = [experts_decisions(model, input_ids) for model in models]
+    widened = copy.deepcopy(models[0]).double()
+    runs.append(experts_decisions(widened, input_ids))
+    return all(len(run) == len(runs[0]) and all(torch.equal(a, b) for a, b in zip(run, runs[0])) for run in runs)
 
 
 def batch(vocab_size: int, seed: int, shape: tuple[int, int] = (2, 8)) -> torch.Tensor:
@@ -122,13 +174,22 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next((model.model if isinstance(model, ReferenceModel) else model).parameters()).device
 
 
+def away_from_ties(models: list[torch.nn.Module], input_ids: torch.Tensor, dtype_name: str) -> bool:
+    """No routing decision of any model is a near-tie on ``input_ids`` (margins above NEAR_TIE for
+    models with declared routing; for experts-level models, the same decisions in all of them)."""
+    by_decisions = [model for model in models if experts_level(model)]
+    by_margin = [model for model in models if not experts_level(model)]
+    return all(min_margin(model, input_ids) > NEAR_TIE[dtype_name] for model in by_margin) and (
+        not by_decisions or decisions_agree(by_decisions, input_ids))
+
+
 def tie_free_batch(models: list[torch.nn.Module], vocab: int, dtype_name: str, seed: int, tries: int = 200,
                    shape: tuple[int, int] = (2, 8)) -> tuple[torch.Tensor, int]:
     """First batch (from ``seed`` on) with no routing near-tie in any layer of any of
     ``models`` (the oracle, and the subject, whose low-precision hidden states drift)."""
     for attempt in range(tries):
         input_ids = batch(vocab, seed + attempt, shape)
-        if all(min_margin(model, input_ids) > NEAR_TIE[dtype_name] for model in models):
+        if away_from_ties(models, input_ids, dtype_name):
             return input_ids, seed + attempt
     raise AssertionError(f"no input without routing near-ties found in {tries} draws (threshold "
                          f"{NEAR_TIE[dtype_name]} for {dtype_name}); use a larger model or another seed")
@@ -238,6 +299,7 @@ def model_equivalence(case: ModelCase, subject: Subject, dtype: torch.dtype = to
     tol = tolerance(dtype, "single" if world_size is None else "multi", device)
     original = case.build(seed=seed, dtype=dtype)
     result = EquivalenceResult(case.id, str(dtype).replace("torch.", ""), tol)
+    block = case.block(**(block or {}))
     specs = autoep.inspect(original, block)
     # The reference computes its MoE blocks in float64 (cast back to the model dtype), so the
     # comparison measures the subject's rounding, not the oracle's. For bf16 the oracle is the
@@ -255,7 +317,8 @@ def model_equivalence(case: ModelCase, subject: Subject, dtype: torch.dtype = to
     shape = (2, 8) if world_size is None else (world_size, 8)  # one sequence per rank
     input_ids, result.input_seed = tie_free_batch(margin_checks, vocab, result.dtype, seed + 7, shape=shape)
 
-    if case.has_aux_loss and specs[0].routing.recorded_output == "probabilities":
+    if case.has_aux_loss and not isinstance(specs[0], ExpertsSpec) and \
+            specs[0].routing.recorded_output == "probabilities":
         result.findings.append(
             "this Transformers version records softmax probabilities in the router_logits slot, so its aux "
             "loss applies softmax twice; AutoEP reproduces it (RoutingSpec.recorded_output='probabilities')")
@@ -311,9 +374,11 @@ def block_equivalence(case: ModelCase, subject: Subject, dtype: torch.dtype = to
     # One block from the same bf16 input: no baseline run, the plain relative-L2 bound applies.
     block_tol = tol if tol.baseline_factor is None else Tolerance(tol.rtol, tol.atol, tol.why, "norm")
     original = case.build(seed=seed, dtype=dtype)
-    specs = autoep.inspect(original)
-    replaced = subject.apply(copy.deepcopy(original).to(device), {})
+    specs = autoep.inspect(original, case.block())
+    replaced = subject.apply(copy.deepcopy(original).to(device), case.block())
     on_device = original if device == "cpu" else copy.deepcopy(original).to(device)  # the reference reads original
+    if specs and isinstance(specs[0], ExpertsSpec):
+        return _experts_modules_equivalence(case, specs, original, on_device, replaced, block_tol, tol, seed, device)
     results = []
     generator = torch.Generator().manual_seed(seed + 11)
     for spec in specs:
@@ -357,5 +422,59 @@ def block_equivalence(case: ModelCase, subject: Subject, dtype: torch.dtype = to
             a, b = outputs[pair[0]], outputs[pair[1]]
             result.comparisons[f"{pair[0]}~{pair[1]}"] = [
                 compare("block output", a[0], b[0], block_tol), compare("block input grad", a[1], b[1], block_tol)]
+        results.append(result)
+    return results
+
+
+def experts_inputs(model: torch.nn.Module, paths: list[str], input_ids: torch.Tensor) -> dict[str, tuple]:
+    """The (hidden_states, top_k_index, top_k_weights) each experts module at ``paths`` received
+    in a forward of ``model`` on ``input_ids`` (its first call)."""
+    captured: dict[str, tuple] = {}
+
+    def capture(path):
+        def hook(module, args, kwargs):
+            values = list(args) + list(kwargs.values())
+            captured.setdefault(path, tuple(value.detach().clone() for value in values[:3]))
+        return hook
+
+    hooks = [model.get_submodule(path).register_forward_pre_hook(capture(path), with_kwargs=True) for path in paths]
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids.to(_device_of(model)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
+def _experts_modules_equivalence(case, specs, original, on_device, replaced, block_tol, tol, seed, device):
+    """Experts-level blocks: each experts module on its own, called with the inputs the stock model's
+    router handed it (captured), output and the gradients of the hidden states and of the routing
+    weights: subject vs the stock module vs the reference (``reference.experts``, float64)."""
+    paths = [spec.experts_path for spec in specs]
+    vocab = original.config.get_text_config().vocab_size
+    inputs = experts_inputs(original, paths, batch(vocab, seed + 11))
+    generator = torch.Generator().manual_seed(seed + 13)
+    results = []
+    for spec, layout in zip(specs, layouts(specs)):
+        result = EquivalenceResult(f"{case.id}:{spec.experts_path}", str(next(original.parameters()).dtype)
+                                   .replace("torch.", ""), tol)
+        hidden, index, weights = inputs[spec.experts_path]
+        upstream = torch.randn(hidden.shape[0], spec.layout.output_size, generator=generator)
+        reference = ReferenceExperts(layout, original.get_submodule(spec.experts_path), torch.float64)
+        outputs = {}
+        for label, module, where in (("subject", replaced.get_submodule(spec.experts_path), device),
+                                     ("original", on_device.get_submodule(spec.experts_path), device),
+                                     ("reference", reference, "cpu")):
+            x = hidden.to(where).clone().requires_grad_(True)
+            w = weights.to(where).clone().requires_grad_(True)
+            out = module(x, index.to(where), w)
+            (out.float() * upstream.to(where)).sum().backward()
+            outputs[label] = (out.detach().cpu(), x.grad.detach().cpu(), w.grad.detach().cpu())
+        for pair in (("subject", "reference"), ("subject", "original"), ("original", "reference")):
+            a, b = outputs[pair[0]], outputs[pair[1]]
+            result.comparisons[f"{pair[0]}~{pair[1]}"] = [
+                compare("experts output", a[0], b[0], block_tol), compare("experts input grad", a[1], b[1], block_tol),
+                compare("routing weights grad", a[2], b[2], block_tol)]
         results.append(result)
     return results

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import autoep
-from conformance.equivalence import (NEAR_TIE, RunOutput, _compare_runs, _run, batch, layouts, min_margin,
+from conformance.equivalence import (RunOutput, _compare_runs, _run, away_from_ties, batch, layouts,
                                      tie_free_batch)
 from conformance.models import ModelCase
 from conformance.tolerances import ARGMAX_NEAR_TIE, Comparison, compare, tolerance
@@ -78,7 +78,7 @@ def routing_oracle(case: ModelCase, stock: nn.Module) -> ReferenceModel:
     """The reference model of ``stock`` (float32 weights for bf16), used to find inputs whose
     routing decisions are away from ties (see equivalence.NEAR_TIE)."""
     source = stock if next(stock.parameters()).dtype == torch.float32 else copy.deepcopy(stock).float()
-    return ReferenceModel(source, layouts(autoep.inspect(stock)), compute_dtype=torch.float64,
+    return ReferenceModel(source, layouts(autoep.inspect(stock, case.block())), compute_dtype=torch.float64,
                           with_aux_loss=case.has_aux_loss)
 
 
@@ -91,7 +91,7 @@ def margin_models(case: ModelCase, stock: nn.Module, applied: nn.Module) -> list
 
 def stock_and_subject(case: ModelCase, subject, dtype: torch.dtype, seed: int) -> tuple[nn.Module, nn.Module]:
     stock = case.build(seed=seed, dtype=dtype)
-    return stock, subject.apply(copy.deepcopy(stock), {"autoep_size": 1})
+    return stock, subject.apply(copy.deepcopy(stock), case.block(autoep_size=1))
 
 
 def judged(name: str, subject_run: RunOutput, stock_run: RunOutput, subject_plain: RunOutput,
@@ -221,7 +221,7 @@ def check_param_order(case: ModelCase, subject, dtype: torch.dtype, seed: int, r
     _adamw_step(stock, stock_optimizer, first_ids)
     # The subject's model after the stock step, and the stock optimizer's state loaded into an
     # optimizer over its parameters: Optimizer.load_state_dict maps state by parameter position.
-    applied = subject.apply(copy.deepcopy(stock), {"autoep_size": 1})
+    applied = subject.apply(copy.deepcopy(stock), case.block(autoep_size=1))
     applied_optimizer = torch.optim.AdamW(applied.parameters(), **ADAMW)
     try:
         # A copy, as from a file: load_state_dict keeps the saved "step" tensors themselves, so
@@ -303,8 +303,8 @@ def check_generate(case: ModelCase, subject, dtype: torch.dtype, seed: int, resu
         expected = _generate(stock, prompt)
         # Decisions of the whole sequence (prompt and generated tokens) and of each greedy pick
         # away from ties: a tie may legitimately go either way in another correct implementation.
-        if argmax_margin(expected.scores) > ARGMAX_NEAR_TIE[name] and all(
-                min_margin(model, expected.sequences) > NEAR_TIE[name] for model in checkers):
+        if argmax_margin(expected.scores) > ARGMAX_NEAR_TIE[name] and away_from_ties(checkers, expected.sequences,
+                                                                                     name):
             break
     else:
         raise AssertionError(f"no prompt whose routing and greedy picks are away from ties in {tries} draws")
@@ -334,7 +334,7 @@ def check_grad_checkpointing(case: ModelCase, subject, dtype: torch.dtype, seed:
     input_ids, result.detail["input_seed"] = tie_free_batch(margin_models(case, stock, applied),
                                                             stock.config.get_text_config().vocab_size,
                                                             _dtype_name(dtype), seed + 7)
-    blocks = [spec.name for spec in autoep.inspect(stock)]
+    blocks = [spec.name for spec in autoep.inspect(stock, case.block())]
     stock.train(), applied.train()  # Transformers checkpoints only in training mode (no dropout here)
     applied_plain = _run(applied, input_ids)
     for model in (stock, applied):  # the newer name where this Transformers has it

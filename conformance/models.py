@@ -6,6 +6,7 @@ keyword arguments that move one or more routing switches. Adding a variant is on
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -28,6 +29,13 @@ class ModelCase:
     # Sets non-default buffers (e.g. a random e_score_correction_bias) after construction.
     post_init: Callable[[torch.nn.Module, torch.Generator], None] | None = None
     has_aux_loss: bool = True
+    # Keys of the "expert_parallel" block every subject call of this case carries (e.g.
+    # {"replacement": "experts"}: the case runs the experts-level replacement).
+    ep_block: dict[str, Any] = field(default_factory=dict)
+
+    def block(self, **keys) -> dict[str, Any]:
+        """The case's "expert_parallel" keys with ``keys`` on top."""
+        return {**self.ep_block, **keys}
 
     def build(self, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         config = make_config(self)
@@ -43,8 +51,10 @@ class ModelCase:
 
 
 def _load(path: str):
+    """``"folder:Class"`` under transformers.models, or ``"package.module:Class"`` (a dotted module:
+    a model built from plain modules, outside Transformers)."""
     module, name = path.split(":")
-    return getattr(importlib.import_module(f"transformers.models.{module}"), name)
+    return getattr(importlib.import_module(module if "." in module else f"transformers.models.{module}"), name)
 
 
 def make_config(case: ModelCase):
@@ -405,7 +415,17 @@ FAMILY_CASES: list[ModelCase] = [
               min_transformers="5.16.1"),
 ]
 
-ALL_CASES = DEFAULT_CASES + VARIANT_CASES + FAMILY_CASES
+# The seed presets run at the experts level (expert_parallel.replacement='experts': the stock router
+# and block, AutoEP's experts): both modes must agree with the stock model (matrix.cells).
+EXPERTS_MODE = {"replacement": "experts"}
+SEED_EXPERTS_CASES = [dataclasses.replace(case, id=f"{case.id}@experts", ep_block=EXPERTS_MODE)
+                      for case in DEFAULT_CASES]
+
+# A Mixtral-shaped model of plain torch.nn modules (conformance/plain_models.py): found by its structure.
+PLAIN_CASES = [ModelCase("plain_mixtral", "mixtral", "mixtral", "conformance.plain_models:PlainMixtralConfig",
+                         "conformance.plain_models:PlainMixtralForCausalLM", {}, has_aux_loss=False)]
+
+ALL_CASES = DEFAULT_CASES + VARIANT_CASES + FAMILY_CASES + SEED_EXPERTS_CASES + PLAIN_CASES
 CASES_BY_ID = {case.id: case for case in ALL_CASES}
 
 

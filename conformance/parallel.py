@@ -153,7 +153,7 @@ def block_step_on_rank(case_id: str, subject_name: str, block_name: str, dtype_n
     if router_weight is not None:
         set_router_weight(model, block_name, router_weight)
     with process_groups_released():
-        model = subject.apply(model, {"autoep_size": autoep_size})
+        model = subject.apply(model, CASES_BY_ID[case_id].block(autoep_size=autoep_size))
         block = model.get_submodule(block_name)
         block.zero_grad(set_to_none=True)
         x_TH = hidden_TH.clone().requires_grad_(True)

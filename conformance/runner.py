@@ -86,7 +86,7 @@ def _run_rejection(cell: Cell, subject, error_name: str, device: str = "cpu") ->
                 "detail": f"model class unavailable: {type(error).__name__}: {error}"[:400]}
     snapshot = ModelSnapshot.of(model)
     try:
-        subject.apply(model, {"autoep_size": cell.autoep_size})
+        subject.apply(model, case.block(autoep_size=cell.autoep_size))
     except Exception as error:
         if type(error).__name__ != error_name:
             return {"status": "fail", "detail": f"{type(error).__name__}: {error}"[:400] + f" (expected {error_name})"}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from reference.experts import ExpertsWeights, has_formula, post_norm_of, reference_experts
 from reference.moe import BlockWeights, load_balancing_loss, reference_block
 
 
@@ -86,6 +87,54 @@ class ReferenceMoEBlock(nn.Module):
         return output_TH.reshape(hidden_states.shape)
 
 
+@dataclass(frozen=True)
+class ExpertsModuleLayout:
+    """An experts module replaced at the experts level: where it is (its full module name) and
+    what its interface declares (descriptions from autoep: the flags and the gate formula)."""
+
+    name: str
+    flags: object  # autoep.interface.ExpertsFlags
+    gate: object   # autoep.presets.gates.GateFormula
+    up_name: str
+
+
+def experts_weights(module: nn.Module, layout: ExpertsModuleLayout) -> ExpertsWeights:
+    flags = layout.flags
+    norm = getattr(module, "post_expert_norm", None) if flags.has_post_expert_norm else None
+    return ExpertsWeights(
+        up=getattr(module, layout.up_name), down=module.down_proj,
+        up_bias=getattr(module, f"{layout.up_name}_bias") if flags.has_bias else None,
+        down_bias=module.down_proj_bias if flags.has_bias else None, flags=flags, gate=layout.gate,
+        post_norm=post_norm_of(norm) if norm is not None else None,
+        post_norm_weight=getattr(norm, "weight", None) if norm is not None else None)
+
+
+class ReferenceExperts(nn.Module):
+    """Holds an experts module's parameters and children under their own names (so parameter
+    names and gradients line up with the original) and computes it with
+    :func:`reference.experts.reference_experts` on the indices and weights the model's router chose."""
+
+    def __init__(self, layout: ExpertsModuleLayout, module: nn.Module, compute_dtype: torch.dtype | None):
+        super().__init__()
+        self.layout = layout
+        self.compute_dtype = compute_dtype
+        for name, param in module.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, child in module.named_children():
+            self.add_module(name, child)
+        weights = experts_weights(self, layout)
+        if not has_formula(weights):
+            raise ValueError(f"the reference has no formula for experts {layout.name!r} (gate {layout.gate}, "
+                             f"post-expert norm {'declared' if layout.flags.has_post_expert_norm else 'none'})")
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        hidden_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
+        out_TH = reference_experts(experts_weights(self, self.layout), hidden_TH,
+                                   top_k_index.reshape(hidden_TH.shape[0], -1),
+                                   top_k_weights.reshape(hidden_TH.shape[0], -1), self.compute_dtype)
+        return out_TH.reshape(*hidden_states.shape[:-1], out_TH.shape[-1])
+
+
 class ReferenceModel(nn.Module):
     """Wraps a deep copy of a Transformers causal LM. ``forward`` returns
     (logits, loss, aux_loss) where loss = cross-entropy + router_aux_loss_coef * aux_loss."""
@@ -97,12 +146,21 @@ class ReferenceModel(nn.Module):
         self.records: list[torch.Tensor] = []
         self.layouts = layouts
         self.with_aux_loss = with_aux_loss
+        # Experts-level layouts keep the model's own routers (and its own aux loss); block layouts
+        # replace whole blocks, routing included, and the aux loss is computed here.
+        self.experts_level = bool(layouts) and all(isinstance(layout, ExpertsModuleLayout) for layout in layouts)
         for layout in layouts:
-            block = self.model.get_submodule(layout.name)
-            self.model.set_submodule(layout.name, ReferenceMoEBlock(layout, block, self.records, compute_dtype))
+            module = self.model.get_submodule(layout.name)
+            if isinstance(layout, ExpertsModuleLayout):
+                self.model.set_submodule(layout.name, ReferenceExperts(layout, module, compute_dtype))
+            else:
+                self.model.set_submodule(layout.name, ReferenceMoEBlock(layout, module, self.records, compute_dtype))
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
         self.records.clear()
+        if self.experts_level:
+            output = self.model(input_ids=input_ids, labels=labels, output_router_logits=self.with_aux_loss)
+            return output.logits, output.loss, getattr(output, "aux_loss", None) if self.with_aux_loss else None
         output = self.model(input_ids=input_ids, labels=labels, output_router_logits=False)
         aux_loss = None
         loss = output.loss

@@ -55,7 +55,7 @@ def test_alpha_and_limit_are_read_from_the_modules():
         ("swiglu_clamped", (1.2, 0.5), "swiglu_clamped", (1.2, 0.5))}
     model.model.layers[1].mlp.experts.swiglu_limit = None
     with pytest.raises(DetectionError, match="swiglu_limit, found None"):
-        autoep.inspect(model)
+        autoep.inspect(model, {"replacement": "block"})
 
 
 def test_a_clamp_no_row_declares_is_refused():
@@ -65,7 +65,9 @@ def test_a_clamp_no_row_declares_is_refused():
     mixtral = CASES_BY_ID["mixtral"].build()
     mixtral.model.layers[0].mlp.experts.limit = 7.0
     with pytest.raises(DetectionError, match="clamp settings \\{'limit': 7.0\\}"):
-        autoep.inspect(mixtral)
+        autoep.inspect(mixtral, {"replacement": "block"})
+    # At the experts level the stock experts' own gate runs (Mixtral's ignores a `limit` attribute).
+    assert [spec.mode for spec in autoep.inspect(mixtral)] == ["experts", "experts"]
 
 
 def test_experts_with_their_own_gate_are_refused():
@@ -73,4 +75,7 @@ def test_experts_with_their_own_gate_are_refused():
     experts = mixtral.model.layers[1].mlp.experts
     experts.__class__ = type("CustomGateExperts", (type(experts),), {"_apply_gate": lambda self, x: x})
     with pytest.raises(DetectionError, match="CustomGateExperts._apply_gate"):
-        autoep.inspect(mixtral)
+        autoep.inspect(mixtral, {"replacement": "block"})
+    # The experts level calls the class's own gate; the reference has no formula for it and says so.
+    specs = autoep.inspect(mixtral)
+    assert [spec.mode for spec in specs] == ["experts", "experts"] and specs[1].gate.kind == "unknown"

@@ -13,10 +13,10 @@ from conformance.models import ALL_CASES, CASES_BY_ID
 def test_inspect_finds_every_block_and_changes_nothing(case):
     model = case.build()
     before = copy.deepcopy(model.state_dict())
-    specs = autoep.inspect(model)
+    specs = autoep.inspect(model, case.block())
     # one block per decoder layer (a VLM's backbone sits under model.language_model; the block's
     # attribute is mlp, or feed_forward in Jamba, or block_sparse_moe in GraniteMoE)
-    assert [re.sub(r"^model\.(language_model\.)?layers\.(\d+)\.(mlp|feed_forward|block_sparse_moe)$", r"\2", s.name)
+    assert [re.sub(r"^(model\.)?(language_model\.)?layers\.(\d+)\.(mlp|feed_forward|block_sparse_moe)$", r"\3", s.name)
             for s in specs] == ["0", "1"]
     assert specs[0].preset == case.preset
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -83,15 +83,50 @@ def test_shape_mismatch_is_rejected(mixtral):
 def test_unknown_submodule_is_never_replaced(mixtral):
     mixtral.model.layers[0].mlp.extra = torch.nn.Linear(32, 32)
     with pytest.raises(DetectionError, match="does not fully understand"):
+        autoep.apply(mixtral, {"replacement": "block"})
+
+
+def test_unknown_submodule_falls_back_to_the_experts_level(mixtral, caplog):
+    """The whole block cannot be replaced (it holds something the row does not describe), but its
+    experts can: the stock block code still runs (whatever ``extra`` does), only its experts are
+    AutoEP's. Exact."""
+    mixtral.model.layers[0].mlp.extra = torch.nn.Linear(32, 32)
+    stock = copy.deepcopy(mixtral)
+    with caplog.at_level("WARNING", logger="autoep"):
         autoep.apply(mixtral)
+    assert "does not fully understand" in caplog.text and "replacing the experts modules only" in caplog.text
+    assert [type(unit).__name__ for _, unit in autoep.replaced_layers(mixtral)] == ["AutoEPMixtralExperts"] * 2
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(mixtral(input_ids=ids).logits, stock(input_ids=ids).logits)
 
 
-def test_router_jitter_is_rejected():
+def test_router_jitter_is_rejected_by_the_whole_block_replacement():
     case = CASES_BY_ID["mixtral"]
     model = case.build()
     model.config.router_jitter_noise = 0.1
     with pytest.raises(DetectionError, match="router_jitter_noise=0.1"):
-        autoep.apply(model)
+        autoep.apply(model, {"replacement": "block"})
+
+
+def test_router_jitter_runs_at_the_experts_level_exactly():
+    """At the experts level the stock router runs, jitter included: in training mode, from the same
+    random state, the applied model equals the stock one bitwise."""
+    model = CASES_BY_ID["mixtral"].build()
+    model.config.router_jitter_noise = 0.1
+    for layer in model.model.layers:
+        layer.mlp.jitter_noise = 0.1
+    stock = copy.deepcopy(model)
+    autoep.apply(model)
+    assert autoep.inspect(stock)[0].mode == "experts"
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for candidate in (stock, model):
+        candidate.train()
+        torch.manual_seed(5)
+        outputs.append(candidate(input_ids=ids).logits)
+    torch.manual_seed(6)
+    other = stock(input_ids=ids).logits
+    assert torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[0], other)
 
 
 def test_model_type_without_preset():

@@ -196,8 +196,25 @@ def test_activation_with_learned_parameters_is_refused(mixtral):
         mixtral.get_submodule(spec.name).experts.act_fn = ACT2FN["prelu"]
     snapshot = ModelSnapshot.of(mixtral)
     with pytest.raises(DetectionError, match=r"experts\.act_fn.*PReLU.*supported: .*gelu_new"):
-        autoep.apply(mixtral)
+        autoep.apply(mixtral, {"replacement": "block"})
     assert snapshot.unchanged(mixtral)
+
+
+def test_activation_with_learned_parameters_runs_at_the_experts_level(mixtral):
+    """The experts level calls the experts' own act_fn: PReLU's learned slope is a replicated
+    parameter of the experts module, and its gradient comes out as the stock model's (the
+    memory-lean path, which differentiates only the gate and up halves, is not taken)."""
+    for spec in autoep.inspect(mixtral):
+        mixtral.get_submodule(spec.name).experts.act_fn = ACT2FN["prelu"]
+    stock = copy.deepcopy(mixtral)
+    autoep.apply(mixtral)
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    for model in (stock, mixtral):
+        model(input_ids=ids, labels=ids).loss.backward()
+    slopes = [name for name, _ in stock.named_parameters() if name.endswith("act_fn.weight")]
+    assert len(slopes) == 2
+    for name, param in mixtral.named_parameters():
+        torch.testing.assert_close(param.grad, dict(stock.named_parameters())[name].grad, rtol=1e-5, atol=1e-7)
 
 
 # --- 4. experts implementation ----------------------------------------------------------------

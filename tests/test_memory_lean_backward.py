@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from autoep.dispatch import sort_by_expert, unsort, weighted_sum
-from autoep.experts import GroupedExperts
+from autoep.experts import GroupedExperts, linear_by_kernel
 from conformance.tolerances import assert_close, tolerance
 
 
@@ -25,8 +25,8 @@ def experts_and_rows(activation, params, dtype, seed=0, rows=300, hidden=16, int
 def plain_autograd(module, x, counts):
     """The same kernels without the custom backward: the path torch.compile and batched_mm take."""
     kernel = module.kernel()
-    gate_up_RO = module._linear(kernel, x, module.gate_up, counts, None)
-    return module._linear(kernel, module.gate_fn(*gate_up_RO.chunk(2, dim=-1)), module.down, counts, None)
+    gate_up_RO = linear_by_kernel(kernel, x, module.gate_up, counts, None)
+    return linear_by_kernel(kernel, module.gate_fn(*gate_up_RO.chunk(2, dim=-1)), module.down, counts, None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

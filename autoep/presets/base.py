@@ -167,3 +167,7 @@ class Refusal:
     reason: str
     # The Transformers versions the reason was established on.
     versions: str = ">=5.24.0"
+    # True: refused whatever the mode (not even its experts module can be made expert-parallel
+    # exactly). False: the reason is why the table has no routing row; the family runs at the
+    # experts level where its experts module has the uniform interface.
+    hard: bool = False

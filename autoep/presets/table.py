@@ -223,7 +223,21 @@ FAMILIES: tuple[Preset, ...] = (
 # preset_model names that select a row under another name.
 ALIASES: dict[str, str] = {"qwen2_moe": "qwen3_moe"}
 
+# Families without a routing row. A reason says why the table has no row for the family (what its
+# routing needs that no Routing field declares); such a family runs at the experts level (the model's
+# own router, AutoEP's experts; autoep/experts_level.py) wherever its experts module has Transformers'
+# uniform interface. ``hard=True``: refused in every mode (not even its experts can be made exact).
 REFUSED: tuple[Refusal, ...] = (
+    Refusal(("llama4", "llama4_text"),
+            "Llama4TextExperts is not Transformers' uniform experts interface: Llama4TextMoe multiplies every token "
+            "by its routing score before the experts and runs every expert on every token (experts(routed_in) "
+            "receives no expert index per row), so there is nothing to dispatch; its experts are also stored "
+            "transposed ([E, H, 2I], [E, I, H])", hard=True),
+    Refusal(("ergo",),
+            "ErgoExperts replaces the forward of its @use_experts_implementation base (ErgoExpertProjections) to "
+            "apply a per-expert RMSNorm (post_expert_norm.weight [E, H], indexed by each route's expert) to every "
+            "route before the weighted sum: the interface's flags do not describe it, and the norm's weight is "
+            "itself per expert", versions=">=5.25.0", hard=True),
     # --- group A ---
     Refusal(("nemotron_h",),
             "not implemented yet: NemotronH experts have no gate (up_proj [E, I, H], act(x up) down with "
@@ -303,10 +317,6 @@ REFUSED: tuple[Refusal, ...] = (
     Refusal(("openai_privacy_filter",),
             "not implemented yet: as gpt_oss (transposed, interleaved, biased experts; biased router; clamped "
             "SwiGLU), plus the experts computed in float32"),
-    Refusal(("llama4", "llama4_text"),
-            "not implemented yet: Llama4TextMoe multiplies the expert INPUT by the routing score (sigmoid of the "
-            "top-k logits), not the expert output, stores the experts transposed ([E, H, 2I], [E, I, H]) and runs "
-            "every expert on every token"),
     Refusal(("minimax_m2",),
             "not implemented yet: MiniMaxM2SparseMoeBlock holds the e_score_correction_bias buffer on the block "
             "itself and passes it to gate.forward; AutoEP reads the correction bias from the router"),
