@@ -77,9 +77,10 @@ def apply(model: nn.Module, config: AutoEPConfig | Mapping[str, Any] | None = No
                              f"{config.autoep_size}")
     elif config.autoep_size > 1:
         groups = build_groups(config.autoep_size, group, expert_counts)  # validates sizes first
+    sliced: dict = {}  # one slice per full expert Parameter, however many experts modules share it
     for spec in specs:
         if isinstance(spec, ExpertsSpec):
-            build_experts(spec, model.get_submodule(spec.experts_path), config.use_grouped_mm, groups)
+            build_experts(spec, model.get_submodule(spec.experts_path), config.use_grouped_mm, groups, sliced)
         else:
             model.set_submodule(spec.name, build_layer(spec, use_grouped_mm=config.use_grouped_mm, groups=groups))
     what = "experts modules (experts level)" if isinstance(specs[0], ExpertsSpec) else "MoE blocks"

@@ -23,6 +23,7 @@ from autoep.config import AUTO, AutoEPConfig
 from autoep.experts_level import ExpertsSpec, experts_spec, interface_modules
 from autoep.interface import ExpertsInterfaceError, overrides_interface
 from autoep.presets import FAMILIES, MODEL_TYPE_TO_PRESET, PRESETS, REFUSED_MODEL_TYPES, Preset
+from autoep.presets.gates import CUSTOM_GATES
 from autoep.routing import RoutingSpec
 from autoep.versions import UnsupportedTransformersError, at_least, transformers_version
 
@@ -459,13 +460,22 @@ def _routed_activation(where: str, experts: nn.Module, config_activation, preset
         except UnsupportedActivationError as error:
             raise DetectionError(str(error)) from None
     clamps = {attr: getattr(experts, attr) for attr in CLAMP_ATTRIBUTES if getattr(experts, attr, None) is not None}
-    if clamps or has_custom_gate(experts):
+    if clamps or (has_custom_gate(experts) and not _custom_gate_is_plain(experts)):
         detail = f"clamp settings {clamps}" if clamps else f"their own {type(experts).__name__}._apply_gate"
         raise DetectionError(
             f"{where}: the experts carry {detail}: their gated activation is not act_fn(gate) * up, and preset "
             f"{preset.name!r} declares no other (only the clamped GPT-OSS SwiGLU, Preset.clamped_swiglu, is "
             "known). Refusing rather than computing another function.")
     return experts_activation(where, experts, config_activation), ()
+
+
+def _custom_gate_is_plain(experts: nn.Module) -> bool:
+    """The class's own ``_apply_gate`` is one the gates table (autoep/presets/gates.py) declares with
+    an optional clamp, and the clamp is unset here: it computes ``act_fn(gate) * up``, as the row's
+    experts do (Bailing-hybrid's experts on Transformers 5.25 without a swiglu limit)."""
+    owner = type(experts)._apply_gate.__qualname__.split(".")[0]
+    kind, paths = CUSTOM_GATES.get(owner, (None, ()))
+    return kind in ("act_then_clamp", "clamp_then_act") and all(getattr(experts, path, None) is None for path in paths)
 
 
 def _shared_activation(mlp: nn.Module, preset: Preset) -> tuple[str | None, tuple]:

@@ -34,9 +34,9 @@ from autoep.activations import UnsupportedActivationError, identify_activation
 from autoep.dispatch import combine, dispatch
 from autoep.experts import check_experts_implementation, expert_mlp, kernel_for, linear_by_kernel
 from autoep.groups import ExpertParallelGroups
-from autoep.interface import (ExpertsInterfaceError, ExpertsLayout, expert_rows_weight, is_interface_module,
-                              read_layout, uses_default_gate)
-from autoep.presets.gates import CUSTOM_GATES, GateFormula
+from autoep.interface import (ExpertsInterfaceError, ExpertsLayout, eager_forward, expert_rows_weight,
+                              is_interface_module, read_layout, uses_default_gate)
+from autoep.presets.gates import CUSTOM_GATES, FLOAT32_EAGER, GateFormula
 
 logger = logging.getLogger("autoep")
 
@@ -58,6 +58,9 @@ class ExpertsSpec:
     layout: ExpertsLayout
     gate: GateFormula
     reason: str = ""  # why experts-level (no row; or what the row could not declare)
+    # The stock experts compute between the projections in float32 (their eager forward, in force at
+    # detection: presets.gates.FLOAT32_EAGER); the reference then rounds only their output.
+    float32_inside: bool = False
     block: nn.Module | None = field(default=None, repr=False, compare=False)
     mode = "experts"
 
@@ -151,8 +154,10 @@ def experts_spec(name: str, module: nn.Module, preset: str, model_type: str, rea
             raise ExpertsInterfaceError(f"{where} already has an attribute {attribute!r}, which the AutoEP experts "
                                         "replacement sets; refusing rather than overwriting it")
     parent, _, attr = name.rpartition(".")
+    eager = getattr(config, "_experts_implementation", None) == "eager"
+    float32_inside = eager and any(klass.__name__ in FLOAT32_EAGER for klass in type(module).__mro__)
     return ExpertsSpec(parent, attr, type(module).__name__, preset, model_type, layout,
-                       identify_gate(module, layout), reason, block=None)
+                       identify_gate(module, layout), reason, float32_inside, block=None)
 
 
 class AutoEPExpertsMixin:
@@ -172,12 +177,16 @@ class AutoEPExpertsMixin:
         return [(name, self._parameters[name]) for name in self.spec.layout.expert_parameters]
 
     def kernel(self) -> str:
-        """What the next call runs: "grouped_mm", "batched_mm" or "loop" (Transformers' setting,
-        ``config._experts_implementation``, read at every call)."""
+        """What the next call runs (Transformers' setting, ``config._experts_implementation``, read at
+        every call): "grouped_mm" or "batched_mm" (AutoEP's kernels, every flag honoured), "eager" (the
+        class's own forward, as the stock experts run it: some compute in float32 there), or "loop"
+        (grouped_mm where it cannot take the dtype or row widths)."""
         layout = self.spec.layout
         config = getattr(self, "config", None)
         requested = getattr(config, "_experts_implementation", None) if config is not None else None
         implementation = check_experts_implementation(requested, "AutoEP experts")
+        if implementation == "eager":
+            return "eager"
         weight = self._parameters[layout.up_name]
         return kernel_for(implementation, weight.dtype, (layout.hidden_size, layout.intermediate_size,
                                                          layout.output_size))
@@ -210,6 +219,8 @@ def local_experts(module: nn.Module, rows_RH: torch.Tensor, counts_E: torch.Tens
     flags = layout.flags
     kernel = module.kernel()
     module.last_path = kernel
+    if kernel == "eager":
+        return _class_forward(module, rows_RH, counts_E)
     up = module._parameters[layout.up_name]
     down = module._parameters["down_proj"]
     rows_RH = rows_RH.to(up.dtype)
@@ -239,6 +250,21 @@ def local_experts(module: nn.Module, rows_RH: torch.Tensor, counts_E: torch.Tens
     return out_RO
 
 
+def _class_forward(module: nn.Module, rows_RH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """The class's own (eager) forward on this rank's rows: each row routed to its local expert with
+    weight 1 (the routing weights are applied in the combine), ``num_experts`` the local count while
+    it runs, as Transformers' own expert parallelism calls it."""
+    local = module._parameters[module.spec.layout.up_name].shape[0]
+    expert_R1 = torch.repeat_interleave(torch.arange(local, device=rows_RH.device), counts_E,
+                                        output_size=rows_RH.shape[0]).unsqueeze(-1)
+    global_count = module.num_experts
+    module.num_experts = local
+    try:
+        return eager_forward(type(module))(module, rows_RH, expert_R1, rows_RH.new_ones(expert_R1.shape))
+    finally:
+        module.num_experts = global_count
+
+
 _EXPERTS_CLASSES: dict[type, type] = {}
 
 
@@ -264,10 +290,13 @@ def check_experts_replaceable(spec: ExpertsSpec, module: nn.Module) -> None:
 
 
 def build_experts(spec: ExpertsSpec, module: nn.Module, use_grouped_mm: bool,
-                  groups: ExpertParallelGroups | None = None) -> nn.Module:
+                  groups: ExpertParallelGroups | None = None, sliced: dict | None = None
+                  ) -> nn.Module:
     """Turn ``module`` (the experts instance ``spec`` describes) into the expert-parallel experts, in
     place: its per-expert parameters keep this EP rank's slice (sliced from the full tensors:
-    deterministic, no communication), its class becomes the AutoEP subclass. Returns ``module``."""
+    deterministic, no communication), its class becomes the AutoEP subclass. Returns ``module``.
+    ``sliced``: id(full parameter) -> (it, its slice), shared by the calls of one ``apply``, so that a
+    Parameter two experts modules share (DiffusionGemma's encoder and decoder) stays one shared slice."""
     config = getattr(module, "config", None)
     if config is not None and not use_grouped_mm and getattr(config, "_experts_implementation", None) in (
             None, "grouped_mm"):
@@ -276,10 +305,13 @@ def build_experts(spec: ExpertsSpec, module: nn.Module, use_grouped_mm: bool,
     per_rank = spec.num_experts // ep_size
     first = (groups.ep_rank if groups is not None else 0) * per_rank
     if ep_size > 1:
+        sliced = {} if sliced is None else sliced
         for name in spec.layout.expert_parameters:
             param = module._parameters[name]
-            module._parameters[name] = nn.Parameter(param.detach()[first:first + per_rank].clone(),
-                                                    requires_grad=param.requires_grad)
+            if id(param) not in sliced:  # (the full Parameter is kept with its slice: its id stays its own)
+                sliced[id(param)] = (param, nn.Parameter(param.detach()[first:first + per_rank].clone(),
+                                                         requires_grad=param.requires_grad))
+            module._parameters[name] = sliced[id(param)][1]
     module.__class__ = experts_class_for(type(module))
     module.spec = dataclasses.replace(spec, block=None)
     module.local_expert_ids = tuple(range(first, first + per_rank))

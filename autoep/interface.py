@@ -29,8 +29,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# The instance attributes @use_experts_implementation sets (all booleans).
-FLAG_NAMES = ("has_gate", "has_bias", "is_transposed", "is_concatenated", "has_post_expert_norm")
+# The instance attributes @use_experts_implementation sets (all booleans), with the value a version
+# that does not set one has (5.0-5.2 set only has_bias and is_transposed: every expert gated,
+# concatenated, without a post-expert norm).
+FLAG_DEFAULTS = {"has_gate": True, "has_bias": False, "is_transposed": False, "is_concatenated": True,
+                 "has_post_expert_norm": False}
+FLAG_NAMES = tuple(FLAG_DEFAULTS)
+REQUIRED_FLAGS = ("has_bias", "is_transposed")  # set by every 5.x decorator
 
 
 class ExpertsInterfaceError(ValueError):
@@ -96,6 +101,14 @@ def _decorated_forward(cls: type) -> bool:
     return False
 
 
+def eager_forward(cls: type):
+    """The class's own forward under the decorator (what ``experts_implementation="eager"`` runs)."""
+    for klass in cls.__mro__:
+        if "forward" in vars(klass) and _is_interface_forward(vars(klass)["forward"]):
+            return vars(klass)["forward"].__wrapped__
+    raise TypeError(f"{cls.__name__} has no @use_experts_implementation forward")
+
+
 def overrides_interface_class(cls: type) -> bool:
     """``cls`` inherits the interface's forward from a decorated class but replaces it."""
     return not _decorated_forward(cls) and any(
@@ -106,9 +119,9 @@ def is_interface_module(module: nn.Module) -> bool:
     """Whether ``module`` is an instance of a class decorated ``@use_experts_implementation`` whose
     forward is the decorator's (it carries every flag the decorator sets, and the gate step its
     kernels call)."""
-    return (all(isinstance(getattr(module, name, None), bool) for name in FLAG_NAMES)
-            and callable(getattr(type(module), "_apply_gate", None))
-            and hasattr(module, "_is_expert_parallel") and _decorated_forward(type(module)))
+    return (all(isinstance(getattr(module, name, None), bool) for name in REQUIRED_FLAGS)
+            and all(isinstance(getattr(module, name, default), bool) for name, default in FLAG_DEFAULTS.items())
+            and callable(getattr(type(module), "_apply_gate", None)) and _decorated_forward(type(module)))
 
 
 def overrides_interface(module: nn.Module) -> bool:
@@ -118,7 +131,7 @@ def overrides_interface(module: nn.Module) -> bool:
 
 
 def read_flags(module: nn.Module) -> ExpertsFlags:
-    return ExpertsFlags(**{name: bool(getattr(module, name)) for name in FLAG_NAMES})
+    return ExpertsFlags(**{name: bool(getattr(module, name, default)) for name, default in FLAG_DEFAULTS.items()})
 
 
 def _shape(param) -> tuple[int, ...]:
@@ -143,7 +156,7 @@ def read_layout(where: str, module: nn.Module) -> ExpertsLayout:
     if not isinstance(declared, int) or isinstance(declared, bool) or declared != num_experts:
         raise ExpertsInterfaceError(
             f"{where}: {type(module).__name__}.num_experts={declared!r} but {up_name} holds {num_experts} experts")
-    if getattr(module, "_is_expert_parallel", False):
+    if getattr(module, "_is_expert_parallel", False):  # (5.23 on)
         raise ExpertsInterfaceError(
             f"{where}: {type(module).__name__} is already expert-parallel (Transformers' own expert parallelism, "
             "DistributedConfig(ep_size=...)); load the model without a distributed_config to apply AutoEP")

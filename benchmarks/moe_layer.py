@@ -12,6 +12,8 @@ where finding DS-1 stops its mixtral preset). A variant that cannot run says why
 
 Variants:
   autoep           the block after ``autoep.apply(model, {"autoep_size": ep, "preset_model": family})``
+  autoep_experts   the stock block after ``autoep.apply(model, {"autoep_size": ep, "replacement": "experts"})``:
+                   the model's own router, AutoEP's experts module (the experts-level replacement)
   transformers     the original block, Transformers' default experts implementation
   deepspeed        DeepSpeed's AutoEP layer, built by ``deepspeed.initialize`` (benchmarks/peers.py)
   torchtitan       TorchTitan's MoE, where torchtitan is installed (benchmarks/peers.py)
@@ -73,8 +75,8 @@ SEED = 0
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FAMILIES = ("mixtral", "deepseek_v3")
 # Transformers' EP at ep 1 builds no mesh: it is the transformers row, which its ep 2 row is set against.
-LAYER_VARIANTS = ("autoep", "transformers", "deepspeed", "torchtitan", "dense_ceiling")
-EP_VARIANTS = ("autoep", "deepspeed", "transformers_ep", "torchtitan")
+LAYER_VARIANTS = ("autoep", "autoep_experts", "transformers", "deepspeed", "torchtitan", "dense_ceiling")
+EP_VARIANTS = ("autoep", "autoep_experts", "deepspeed", "transformers_ep", "torchtitan")
 FULL = dict(tokens=4096, warmup=2, steps=10, profile_steps=2)
 QUICK = dict(tokens=1024, warmup=1, steps=2, profile_steps=1)
 RUN_TIMEOUT_S = 900.0
@@ -115,9 +117,15 @@ def moe_subject(variant: str, dtype: torch.dtype, tokens: int, autoep_size: int,
             import autoep
 
             autoep.apply(model, {"autoep_size": autoep_size, "preset_model": shape["family"]})
+        elif variant == "autoep_experts":
+            import autoep
+
+            autoep.apply(model, {"autoep_size": autoep_size, "replacement": "experts"})
         else:
             info["experts_implementation"] = model.config._experts_implementation
         block = blocks.block_of(model)  # the rest of the model is freed on return
+    if variant == "autoep_experts":  # its kernel path is read off the experts module (it outputs [T, H], not rows)
+        info["experts_module"] = block.experts
     experts = block.routed_experts() if variant == "autoep" else None
     if experts is not None:
         def record_rows(module, args, out_RH):  # rows the local experts computed (received rows under EP)
@@ -349,6 +357,8 @@ def measure(variant: str, dtype_name: str, tokens: int, warmup: int, steps: int,
     result["profile_ms_per_step"] = profile_labels(subject, profile_steps, barrier) if profile_steps else None
     if subject.experts is not None:
         result["kernel_path"] = subject.experts.last_path
+    if "experts_module" in subject.info:
+        result["kernel_path"] = subject.info.pop("experts_module").last_path
     result.update(subject.info)
     return result
 
@@ -543,11 +553,12 @@ def peer_ratios(rows: list[dict]) -> list[dict]:
                 if "unavailable" not in r}
     ratios = []
     for (family, variant, dtype_name, ep, processes), ours in measured.items():
-        if variant != "autoep":
+        if variant not in ("autoep", "autoep_experts"):
             continue
         for (f, other, d, e, p), theirs in measured.items():
-            if (f, d, e, p) == (family, dtype_name, ep, processes) and other != "autoep":
-                ratios.append({"family": family, "dtype": dtype_name, "ep": ep, "processes": processes, "peer": other,
+            if (f, d, e, p) == (family, dtype_name, ep, processes) and other != variant:
+                ratios.append({"family": family, "dtype": dtype_name, "ep": ep, "processes": processes,
+                               "variant": variant, "peer": other,
                                "time_ratio": ours["step_s_median"] / theirs["step_s_median"],
                                "peak_live_ratio": ours["peak_live_bytes"] / theirs["peak_live_bytes"]})
     return ratios
@@ -600,9 +611,10 @@ def print_tables(report: dict) -> None:
               f"{mib(r['loopback_bytes_per_step_all_ranks']):>8}{mib(r['theoretical_wire_bytes_per_step_all_ranks']):>8}"
               f"{'' if share is None else f'{share:.0%}':>6}{_ratio(r['outside_gemm_ms_per_step'], '.0f'):>8}"
               f"{r['cpu_share']:>5.0%}  {r['kernel'] or ''}")
-    print("\nautoep over each peer at the same family, dtype, ep and processes (step time; peak live bytes):")
+    print("\nautoep (whole block, and experts level) over each other variant at the same family, dtype, ep and "
+          "processes (step time; peak live bytes):")
     for r in report.get("peer_ratios", []):
-        print(f"  {r['family']:<12}{r['dtype']:<6}ep {r['ep']} on {r['processes']}: / {r['peer']:<16}"
+        print(f"  {r['variant']:<16}{r['family']:<12}{r['dtype']:<6}ep {r['ep']} on {r['processes']}: / {r['peer']:<16}"
               f"time {r['time_ratio']:.2f}  live {r['peak_live_ratio']:.2f}")
     print("\nep, pr: EP size and processes (ep 1 on 2 processes: the control, no communication). step ms: median step "
           "of the slowest rank; us/tok: per token of one rank. /limit: GFLOP/s over the raw GEMM limit of the dtype. "
@@ -645,7 +657,7 @@ def main(argv: list[str] | None = None) -> dict:
         results[key] = run_fresh(processes, variant=variant, dtype_name=dtype_name, autoep_size=ep,
                                  shape=dict(STANDARD, family=family), **plan)
     for key, per_rank in results.items():
-        if key[1] == "autoep" and per_rank[0].get("kernel_path") != "grouped_mm":
+        if key[1] in ("autoep", "autoep_experts") and per_rank[0].get("kernel_path") != "grouped_mm":
             print(f"warning: autoep {key} ran {per_rank[0].get('kernel_path')!r}, not grouped_mm", file=sys.stderr)
     report = {
         "meta": {"torch": torch.__version__, "transformers": transformers.__version__,

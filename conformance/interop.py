@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 import autoep
-from conformance.equivalence import (RunOutput, _compare_runs, _run, away_from_ties, batch, layouts,
-                                     tie_free_batch)
+from conformance.equivalence import (MarginsOnly, RunOutput, _compare_runs, _run, away_from_ties, batch,
+                                     experts_level, layouts, tie_free_batch)
 from conformance.models import ModelCase
 from conformance.tolerances import ARGMAX_NEAR_TIE, Comparison, compare, tolerance
 from matrix.cells import INTEROP_FAMILIES
@@ -84,7 +84,9 @@ def routing_oracle(case: ModelCase, stock: nn.Module) -> ReferenceModel:
 
 def margin_models(case: ModelCase, stock: nn.Module, applied: nn.Module) -> list[nn.Module]:
     models = [routing_oracle(case, stock)]
-    if autoep.replaced_layers(applied):  # the subject's own low-precision router inputs drift
+    if experts_level(applied):  # the model's own routers decide: the oracle and the stock model must agree
+        models += [stock, MarginsOnly(applied)]
+    elif autoep.replaced_layers(applied):  # the subject's own low-precision router inputs drift
         models.append(applied)
     return models
 

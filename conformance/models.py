@@ -7,84 +7,12 @@ keyword arguments that move one or more routing switches. Adding a variant is on
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
-import torch
-
-COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=64, tie_word_embeddings=False)
-
-
-@dataclass(frozen=True)
-class ModelCase:
-    id: str
-    preset: str
-    model_type: str
-    config_class: str  # "module:Class" under transformers.models
-    causal_lm_class: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    min_transformers: str = "5.0.0"
-    # Sets non-default buffers (e.g. a random e_score_correction_bias) after construction.
-    post_init: Callable[[torch.nn.Module, torch.Generator], None] | None = None
-    has_aux_loss: bool = True
-    # Keys of the "expert_parallel" block every subject call of this case carries (e.g.
-    # {"replacement": "experts"}: the case runs the experts-level replacement).
-    ep_block: dict[str, Any] = field(default_factory=dict)
-
-    def block(self, **keys) -> dict[str, Any]:
-        """The case's "expert_parallel" keys with ``keys`` on top."""
-        return {**self.ep_block, **keys}
-
-    def build(self, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-        config = make_config(self)
-        model_class = _load(self.causal_lm_class)
-        torch.manual_seed(seed)
-        model = model_class(config)
-        generator = torch.Generator().manual_seed(seed + 1)
-        _randomize(model, generator)
-        if self.post_init is not None:
-            self.post_init(model, generator)
-        model.eval()
-        return model.to(dtype)
-
-
-def _load(path: str):
-    """``"folder:Class"`` under transformers.models, or ``"package.module:Class"`` (a dotted module:
-    a model built from plain modules, outside Transformers)."""
-    module, name = path.split(":")
-    return getattr(importlib.import_module(module if "." in module else f"transformers.models.{module}"), name)
-
-
-def make_config(case: ModelCase):
-    config_class = _load(case.config_class)
-    config = config_class(**case.kwargs)
-    config.output_router_logits = case.has_aux_loss
-    if hasattr(config, "router_aux_loss_coef"):
-        config.router_aux_loss_coef = 0.1
-    config._attn_implementation = "eager"
-    return config
-
-
-def _randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
-    """Give every parameter O(1/sqrt(fan_in)) random values (HF init leaves routers at zero,
-    which would make every routing decision a tie)."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 1:
-                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
-            else:
-                fan_in = param.shape[-1]
-                param.copy_(torch.randn(param.shape, generator=generator) / fan_in ** 0.5)
-
-
-def random_correction_bias(model: torch.nn.Module, generator: torch.Generator) -> None:
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.copy_(0.1 * torch.randn(buffer.shape, generator=generator))
-
+from conformance.experts_cases import EXPERTS_CASES
+from conformance.model_case import (_MLA, _NO_SPECIAL_TOKENS, _SMALL_SPECIAL_TOKENS, COMMON,  # noqa: F401
+                                    EXPERTS_MODE, ModelCase, ModelSnapshot, _case, keep_fp32_modules, make_config,
+                                    random_correction_bias)
 
 MIXTRAL = dict(COMMON, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0)
 QWEN3 = dict(COMMON, intermediate_size=64, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
@@ -95,7 +23,7 @@ QWEN3_5 = dict(COMMON, moe_intermediate_size=16, shared_expert_intermediate_size
                num_experts_per_tok=2, head_dim=8, layer_types=["linear_attention", "full_attention"],
                linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
                linear_conv_kernel_dim=4)
-_MLA = dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+
 DEEPSEEK_V2 = dict(COMMON, **_MLA, num_key_value_heads=4, intermediate_size=64, moe_intermediate_size=16,
                    n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=0,
                    topk_method="greedy", n_group=2, topk_group=1, routed_scaling_factor=1.0)
@@ -104,9 +32,7 @@ DEEPSEEK_V3 = dict(COMMON, **_MLA, num_key_value_heads=4, intermediate_size=64, 
                    n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0)
 
 
-def _case(id, preset, model_type, module, prefix, kwargs, **extra) -> ModelCase:
-    return ModelCase(id=id, preset=preset, model_type=model_type, config_class=f"{module}:{prefix}Config",
-                     causal_lm_class=f"{module}:{prefix}ForCausalLM", kwargs=kwargs, **extra)
+
 
 
 # The default case of each preset (plus Qwen2-MoE), then the variants that move every routing switch.
@@ -173,7 +99,7 @@ QWEN3_OMNI_MOE = dict(
     audio_config=dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=16,
                       output_dim=32, downsample_hidden_size=8),
     tie_word_embeddings=False)
-_NO_SPECIAL_TOKENS = dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)  # defaults lie outside vocab 96
+
 MINIMAX_M3 = dict(COMMON, **_NO_SPECIAL_TOKENS, head_dim=8, rotary_dim=4, intermediate_size=16,
                   shared_intermediate_size=24, dense_intermediate_size=64, num_local_experts=8, num_experts_per_tok=2,
                   routed_scaling_factor=2.0)
@@ -199,7 +125,7 @@ _V3_SWITCHES = dict(moe_intermediate_size=16, num_experts_per_tok=2, n_group=1, 
                     routed_scaling_factor=1.0)
 # Groups (top-2-sum scores) limited to 2 of 4, top-3, no renormalisation, scaled.
 _V3_GROUPED = dict(n_group=4, topk_group=2, num_experts_per_tok=3, norm_topk_prob=False, routed_scaling_factor=2.5)
-_SMALL_SPECIAL_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # defaults lie outside vocab 96
+
 SOLAR_OPEN = dict(COMMON, **_V3_SWITCHES, n_routed_experts=8, n_shared_experts=1, head_dim=8)
 EXAONE_MOE = dict(COMMON, **_V3_SWITCHES, intermediate_size=64, num_experts=8, num_shared_experts=1,
                   first_k_dense_replace=0, head_dim=8)
@@ -417,7 +343,6 @@ FAMILY_CASES: list[ModelCase] = [
 
 # The seed presets run at the experts level (expert_parallel.replacement='experts': the stock router
 # and block, AutoEP's experts): both modes must agree with the stock model (matrix.cells).
-EXPERTS_MODE = {"replacement": "experts"}
 SEED_EXPERTS_CASES = [dataclasses.replace(case, id=f"{case.id}@experts", ep_block=EXPERTS_MODE)
                       for case in DEFAULT_CASES]
 
@@ -425,23 +350,8 @@ SEED_EXPERTS_CASES = [dataclasses.replace(case, id=f"{case.id}@experts", ep_bloc
 PLAIN_CASES = [ModelCase("plain_mixtral", "mixtral", "mixtral", "conformance.plain_models:PlainMixtralConfig",
                          "conformance.plain_models:PlainMixtralForCausalLM", {}, has_aux_loss=False)]
 
-ALL_CASES = DEFAULT_CASES + VARIANT_CASES + FAMILY_CASES + SEED_EXPERTS_CASES + PLAIN_CASES
+
+ALL_CASES = DEFAULT_CASES + VARIANT_CASES + FAMILY_CASES + SEED_EXPERTS_CASES + PLAIN_CASES + EXPERTS_CASES
 CASES_BY_ID = {case.id: case for case in ALL_CASES}
 
 
-@dataclass
-class ModelSnapshot:
-    """A model's module types and every state tensor, to prove that a rejected call left the
-    model exactly as it was."""
-
-    module_types: list
-    state: dict
-
-    @classmethod
-    def of(cls, model: torch.nn.Module) -> "ModelSnapshot":
-        return cls([type(m) for m in model.modules()], {n: t.detach().clone() for n, t in model.state_dict().items()})
-
-    def unchanged(self, model: torch.nn.Module) -> bool:
-        after = model.state_dict()
-        return ([type(m) for m in model.modules()] == self.module_types and after.keys() == self.state.keys()
-                and all(torch.equal(self.state[n], t) for n, t in after.items()))

@@ -79,7 +79,7 @@ class AutoEPSubject:
         shards = {}
         for layer_name, layer in autoep.replaced_layers(model):
             experts_name = f"{layer_name}.{layer.spec.experts_attr}"
-            for param_name, _ in layer.routed_experts().named_parameters():
+            for param_name, _ in layer.expert_named_parameters():
                 shards[f"{experts_name}.{param_name}"] = (layer.local_expert_ids[0], layer.num_experts)
         return shards
 

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass
 from packaging.version import Version
 
 from autoep.presets import PRESETS
-from conformance.models import CASES_BY_ID, DEFAULT_CASES, FAMILY_CASES, VARIANT_CASES
+from conformance.models import (CASES_BY_ID, DEFAULT_CASES, EXPERTS_CASES, FAMILY_CASES, PLAIN_CASES,
+                                SEED_EXPERTS_CASES, VARIANT_CASES)
 from matrix import profiles
 
 # Transformers versions the matrix covers (matrix/profiles.py says why each); a profile runs a
@@ -61,6 +62,32 @@ CHECKPOINT_CASES = {"mixtral": TRANSFORMERS_VERSIONS, "qwen2_moe": (DEFAULT_TRAN
 # stock model (torch.compile, parameter order + stock optimizer state, generate, gradient
 # checkpointing, save_pretrained -> from_pretrained). Names as in conformance/interop.FAMILIES.
 INTEROP_FAMILIES = ("compile", "param_order", "generate", "grad_checkpointing", "hf_roundtrip")
+
+
+# Cases whose subject call replaces only the experts modules (expert_parallel.replacement='experts'):
+# the seed presets in that mode, and every family without a row (conformance/experts_cases.py); and
+# the model of plain torch.nn modules, found by structure. Each on one process and on plain-PyTorch EP
+# (FAMILY_EP_TOPOLOGIES), both dtypes, from its first Transformers version (an older one is the
+# survey's verdict, not a rejection to prove).
+EXPERTS_LEVEL_CASES = SEED_EXPERTS_CASES + EXPERTS_CASES
+EXPERTS_LEVEL_CASE_IDS = frozenset(case.id for case in EXPERTS_LEVEL_CASES)
+PLAIN_CASE_IDS = frozenset(case.id for case in PLAIN_CASES)
+# Each flag of Transformers' experts interface (autoep/interface.py) and the case that takes it through
+# ZeRO 1-3 and two Universal resumes (tests/test_experts_level.py checks each carries its flag).
+FLAG_REPRESENTATIVES = {
+    "default gate (act_fn(gate) * up)": "mixtral@experts",
+    "transposed": "aria",
+    "interleaved gate/up": "gpt_oss",
+    "biased": "gpt_oss",
+    "own _apply_gate": "gpt_oss",
+    "gateless": "nemotron_h",
+    "post-expert norm": "muse_spark",
+}
+EXPERTS_ZERO_CASES = tuple(dict.fromkeys(FLAG_REPRESENTATIVES.values())) + tuple(case.id for case in PLAIN_CASES)
+EXPERTS_RESUMES = (((4, 2), (2, 1)), ((2, 2), (4, 4)))
+# The experts-level cases taken through the interop families (compile, parameter order, generate,
+# gradient checkpointing, save_pretrained round trip): the default gate and the flag-heaviest one.
+EXPERTS_INTEROP_CASES = ("mixtral@experts", "gpt_oss")
 
 
 @dataclass(frozen=True)
@@ -139,12 +166,41 @@ def cells() -> list[Cell]:
             for family in INTEROP_FAMILIES:
                 for dtype in DTYPES:
                     result.append(Cell(version, case.id, "none", 1, 1, dtype, interop=family))
+        result += _experts_level_cells(version)
+    return result
+
+
+def _experts_level_cells(version: str) -> list[Cell]:
+    result = []
+    for case in EXPERTS_LEVEL_CASES + PLAIN_CASES:
+        if Version(version) < Version(case.min_transformers):
+            continue
+        if case.refused_with is not None:  # refused in every mode: one cell proves the refusal
+            result.append(Cell(version, case.id, "none", 1, 1, "float32"))
+            continue
+        for stage, world, ep in (("none", 1, 1),) + FAMILY_EP_TOPOLOGIES:
+            for dtype in DTYPES:
+                result.append(Cell(version, case.id, stage, world, ep, dtype))
+        if version != DEFAULT_TRANSFORMERS:
+            continue
+        if case.id in EXPERTS_ZERO_CASES:
+            for stage in (0,) + CHECKPOINT_STAGES if case.id == "mixtral@experts" else CHECKPOINT_STAGES:
+                result.append(Cell(version, case.id, stage, 4, 2, "float32"))
+            for stage, ((world, ep), (target_world, target_ep)) in zip((2, 3), EXPERTS_RESUMES):
+                result.append(Cell(version, case.id, stage, world, ep, "float32", f"w{target_world}-ep{target_ep}"))
+        if case.id in EXPERTS_INTEROP_CASES:
+            for family in INTEROP_FAMILIES:
+                for dtype in DTYPES:
+                    result.append(Cell(version, case.id, "none", 1, 1, dtype, interop=family))
     return result
 
 
 def expected(cell: Cell) -> Expectation:
     case = CASES_BY_ID[cell.case]
     version = Version(cell.transformers)
+    if case.refused_with is not None:
+        return Expectation("rejected", f"{case.id} is refused in every mode (autoep/presets/table.py)",
+                           case.refused_with)
     if cell.world_size % cell.autoep_size:
         return Expectation("not_applicable", f"autoep_size {cell.autoep_size} does not divide world size "
                                              f"{cell.world_size} (a rejection case of its own)")
@@ -176,11 +232,34 @@ def _is(cell: Cell, stage, world: int, ep: int, resume: str | None = None) -> bo
         and cell.interop is None
 
 
+def _experts_level(cell: Cell) -> bool:
+    return cell.case in EXPERTS_LEVEL_CASE_IDS or cell.case in PLAIN_CASE_IDS
+
+
+def _experts_level_default(cell: Cell) -> bool:
+    """Experts-level and plain-module cells in the default profile: every case on one process in float32
+    (the seed presets' and the flag representatives' in bf16 too); each flag representative on EP
+    (w4 ep2) and under ZeRO-2, Mixtral@experts and GPT-OSS (the flag-heaviest) through a Universal
+    resume, and their parameter order and save_pretrained round trip."""
+    if _one_process(cell):
+        return cell.dtype == "float32" or cell.case in EXPERTS_ZERO_CASES or cell.case.endswith("@experts")
+    if cell.case not in EXPERTS_ZERO_CASES or cell.dtype != "float32":
+        return False
+    if cell.interop is not None:
+        return cell.interop in ("param_order", "hf_roundtrip")
+    if cell.resume is not None:
+        return cell.case in EXPERTS_INTEROP_CASES and _is(cell, 2, 4, 2, "w2-ep1")
+    return _is(cell, "none", 4, 2) or _is(cell, 2, 4, 2)
+
+
 def _smoke(cell: Cell) -> bool:
     """One process in float32 for every case (each routing switch), and Mixtral on the topologies
     where the parallel bugs live: EP forward/backward, EDP and replica reductions under ZeRO-0,
     ZeRO-3 partitioning, and a ZeRO-1 and a ZeRO-3 Universal resume; ZeRO-0 bf16 under EP. Of the
-    table's families beyond the seed's presets: each family's default case (variants in full)."""
+    table's families beyond the seed's presets: each family's default case (variants in full); every
+    experts-level and plain-module case on one process in float32."""
+    if _experts_level(cell):
+        return _one_process(cell) and cell.dtype == "float32"
     if cell.case in FAMILY_CASE_IDS and cell.case not in FAMILY_DEFAULT_CASES:
         return False
     if cell.dtype != "float32":
@@ -204,7 +283,10 @@ def _version_sensitive(cell: Cell) -> bool:
     blocks' numerics in both dtypes, the interop with Transformers' features (compile on
     Mixtral), the engine's view of every family (ZeRO-2), a Universal resume. A family of the table
     beyond the seed's presets: its default case on one process in float32 (its variants and bf16 on
-    the newest only: the dtype paths are the layer's, not the Transformers minor's)."""
+    the newest only: the dtype paths are the layer's, not the Transformers minor's). Experts-level
+    cases: on one process in float32."""
+    if _experts_level(cell):
+        return _one_process(cell) and cell.dtype == "float32"
     if cell.case in FAMILY_CASE_IDS:
         return cell.case in FAMILY_DEFAULT_CASES and _one_process(cell) and cell.dtype == "float32"
     if _smoke(cell) or _one_process(cell):
@@ -224,7 +306,10 @@ PEER_RESUMES = ((2, 4, 2, "w2-ep1"), (1, 2, 2, "w4-ep4"))
 
 
 def routing_kind(case_id: str) -> str:
-    """The routing kind of a case's family row (autoep.presets.base.Routing.kind)."""
+    """The routing kind of a case's family row (autoep.presets.base.Routing.kind); an experts-level case
+    routes with the model's own router ("experts-level")."""
+    if case_id in EXPERTS_LEVEL_CASE_IDS:
+        return "experts-level"
     return PRESETS[CASES_BY_ID[case_id].preset].routing.kind
 
 
@@ -242,7 +327,10 @@ def _default(cell: Cell) -> bool:
     and DeepSeek-V3 through every ZeRO stage x autoep_size and every Universal resume, every
     other family under ZeRO-1/2/3 and in one resume, bf16 under ZeRO, every interop family. Of the
     table's families beyond the seed's presets: each family's default case on one process in both
-    dtypes, and the representative of each routing kind no seed preset has on EP (w4 ep2)."""
+    dtypes, and the representative of each routing kind no seed preset has on EP (w4 ep2). Experts-level
+    cases: :func:`_experts_level_default`."""
+    if _experts_level(cell):
+        return _experts_level_default(cell)
     if cell.case in FAMILY_CASE_IDS:
         if cell.case not in FAMILY_DEFAULT_CASES:
             return False
@@ -273,7 +361,7 @@ def _peer_default(cell: Cell) -> bool:
     says it is right (DeepSeek-V3 through every ZeRO stage x autoep_size and the two Universal
     resumes) plus each class of finding once per family (ZeRO-2, a ZeRO-3 resume). A peer's
     ``unavailable_reason`` turns the cells it cannot run into skipped records with the reason."""
-    if cell.zero_stage == "none" or cell.case in FAMILY_CASE_IDS:  # (the table's families: ZeRO in full)
+    if cell.zero_stage == "none" or cell.case in FAMILY_CASE_IDS or _experts_level(cell):  # (ZeRO in full)
         return _default(cell)
     if cell.dtype != "float32":
         return False

@@ -10,12 +10,13 @@ is ``matrix.cells.in_profile``.
 
 from __future__ import annotations
 
-NEWEST = "5.24.0"  # the newest 5.x that installs (pinned)
+NEWEST = "5.25.0"  # the newest 5.x that installs (pinned)
 LAST_4X = "4.57.6"  # the last 4.x: every cell must end in the documented rejection
 # 5.0.0: first 5.x (fused experts); 5.2.0: first with Qwen3.5-MoE; 5.16.1, 5.20.2, 5.22.2: the
 # last patch of minors that changed MoE code (experts implementations, router outputs); 5.23.0:
-# the output-recorder registry signature (DeepSpeed finding DS-1).
-FULL_VERSIONS = (NEWEST, "5.23.0", "5.22.2", "5.20.2", "5.16.1", "5.2.0", "5.0.0", LAST_4X)
+# the output-recorder registry signature (DeepSpeed finding DS-1); 5.24.0: the newest before 5.25 (its
+# families' experts classes and the 5.25 ones differ: LongCat-Flash, Step-3.7, Bailing-hybrid's gate).
+FULL_VERSIONS = (NEWEST, "5.24.0", "5.23.0", "5.22.2", "5.20.2", "5.16.1", "5.2.0", "5.0.0", LAST_4X)
 PROFILE_VERSIONS = {
     "smoke": (NEWEST,),
     "default": (NEWEST, LAST_4X),

@@ -29,6 +29,19 @@ from conformance.subjects import AutoEPSubject
 # Where a bug can be active: predicates over matrix.cells.Cell.
 
 
+def experts_level(cell) -> bool:
+    """A cell whose subject replaces only the experts modules (the model's own router runs): the
+    bugs planted on AutoEP's router or on its whole-block experts have nothing to act on there."""
+    return bool(CASES_BY_ID[cell.case].ep_block.get("replacement") == "experts")
+
+
+@functools.lru_cache(maxsize=None)
+def experts_specs(case_id: str) -> tuple:
+    """The experts-level specs (autoep.experts_level.ExpertsSpec) of a case's model."""
+    case = CASES_BY_ID[case_id]
+    return tuple(autoep.inspect(case.build(), case.block()))
+
+
 @functools.lru_cache(maxsize=None)
 def _case_routing(case_id: str):
     """The RoutingSpec a case's family row builds from its config (expert count, top-k, scale ...)."""
@@ -56,6 +69,11 @@ def _renormalize_from_config(cell) -> bool:
 def equivalence_cell(cell) -> bool:
     """A forward/backward or training cell (not a checkpoint or interop cell)."""
     return cell.resume is None and cell.interop is None
+
+
+def block_equivalence_cell(cell) -> bool:
+    """An equivalence cell whose subject replaces whole blocks (AutoEP's router and experts run)."""
+    return equivalence_cell(cell) and not experts_level(cell)
 
 
 def checkpoint_cell(cell) -> bool:
@@ -132,7 +150,7 @@ class ExpertGradScaledByEP(Mutant):
         for _, layer in autoep.replaced_layers(model):
             if layer.ep_groups is None:
                 continue
-            for param in layer.routed_experts().parameters():
+            for _, param in layer.expert_named_parameters():
                 param.register_hook(lambda grad, size=layer.ep_groups.ep_size: grad * size)
 
 
@@ -161,7 +179,7 @@ class RouterReplicasDrift(Mutant):
     source = "TorchTitan #2387/#2416"
 
     def active(self, cell):
-        return equivalence_cell(cell) and cell.zero_stage == 0 and cell.world_size > 1 and cell.dtype == "float32"
+        return block_equivalence_cell(cell) and cell.zero_stage == 0 and cell.world_size > 1 and cell.dtype == "float32"
 
     def plant_engine(self, engine):
         original = engine._get_gradients_for_reduction
@@ -218,7 +236,7 @@ class MissingGradContributions(Mutant):
     source = "Transformers #48205"
 
     def active(self, cell):
-        return equivalence_cell(cell)
+        return block_equivalence_cell(cell)
 
     def plant_model(self, model):
         for _, layer in autoep.replaced_layers(model):
@@ -232,7 +250,7 @@ class RouterGradWrongLossRight(Mutant):
     source = "Transformers #48687"
 
     def active(self, cell):
-        return equivalence_cell(cell) and _top_k(cell) > 1
+        return block_equivalence_cell(cell) and _top_k(cell) > 1
 
     @staticmethod
     def _forward(router, forward, hidden):
@@ -255,7 +273,7 @@ class CorrectionBiasDropped(Mutant):
     source = "DeepSpeed #8358"
 
     def active(self, cell):
-        return equivalence_cell(cell) and cell.case.startswith("deepseek_v3")
+        return block_equivalence_cell(cell) and cell.case.startswith("deepseek_v3")
 
     def plant_model(self, model):
         _change_routing(model, use_correction_bias=False)
@@ -270,7 +288,7 @@ class GroupLimitedAsGreedy(Mutant):
     source = "classic EP mistake (DeepSeek topk_method / n_group, topk_group ignored)"
 
     def active(self, cell):
-        return equivalence_cell(cell) and cell.case in GROUP_LIMITED_CASES
+        return block_equivalence_cell(cell) and cell.case in GROUP_LIMITED_CASES
 
     def plant_model(self, model):
         _change_routing(model, num_groups=None, topk_groups=None, group_score=None)
@@ -282,7 +300,7 @@ class RoutedScalingNotApplied(Mutant):
     source = "classic EP mistake (DeepSeek routed_scaling_factor)"
 
     def active(self, cell):
-        return equivalence_cell(cell) and _case_routing(cell.case).scale != 1.0
+        return block_equivalence_cell(cell) and _case_routing(cell.case).scale != 1.0
 
     def plant_model(self, model):
         _change_routing(model, scale=1.0)
@@ -294,7 +312,7 @@ class NormTopkPolarity(Mutant):
     source = "classic EP mistake (Qwen/DeepSeek norm_topk_prob)"
 
     def active(self, cell):
-        return equivalence_cell(cell) and _renormalize_from_config(cell)
+        return block_equivalence_cell(cell) and _renormalize_from_config(cell)
 
     def plant_model(self, model):
         for router in _routers(model):
@@ -308,7 +326,7 @@ class RouterLogitsSlotSwapped(Mutant):
     source = "Transformers #45120/#45131 class (router_logits held probabilities)"
 
     def active(self, cell):
-        return equivalence_cell(cell) and CASES_BY_ID[cell.case].has_aux_loss
+        return block_equivalence_cell(cell) and CASES_BY_ID[cell.case].has_aux_loss
 
     def plant_model(self, model):
         for router in _routers(model):
@@ -323,7 +341,7 @@ class CapacityTokenDrop(Mutant):
     capacity_factor = 1.0
 
     def active(self, cell):
-        return equivalence_cell(cell) and _top_k(cell) < _num_experts(cell)
+        return block_equivalence_cell(cell) and _top_k(cell) < _num_experts(cell)
 
     @classmethod
     def _forward(cls, router, forward, hidden):
@@ -347,7 +365,7 @@ class RouterWrongAfterZero3Partitioning(Mutant):
     source = "DeepSpeed PR #8379 class (router weight released under ZeRO-3)"
 
     def active(self, cell):
-        return equivalence_cell(cell) and cell.zero_stage == 3 and cell.dtype == "float32"
+        return block_equivalence_cell(cell) and cell.zero_stage == 3 and cell.dtype == "float32"
 
     def plant_model(self, model):
         pass  # planted on the engine: only ZeRO-3 partitions
@@ -398,7 +416,7 @@ class PaddingRowsLeak(Mutant):
         return forward(torch.cat(pieces), padded_counts)[:rows.shape[0]]
 
     def active(self, cell):
-        return equivalence_cell(cell)
+        return block_equivalence_cell(cell)
 
     def plant_model(self, model):
         for _, layer in autoep.replaced_layers(model):
@@ -412,16 +430,85 @@ class ExpertsWrongOrderOnRank(Mutant):
     model_bug_in_engine = False
 
     def active(self, cell):
-        return (equivalence_cell(cell) and cell.zero_stage == "none" and cell.autoep_size > 1
-                and _num_experts(cell) // cell.autoep_size > 1)
+        if not (equivalence_cell(cell) and cell.zero_stage == "none" and cell.autoep_size > 1):
+            return False
+        experts = experts_specs(cell.case)[0].num_experts if experts_level(cell) else _num_experts(cell)
+        return experts // cell.autoep_size > 1
 
     def plant_model(self, model):
         with torch.no_grad():
             for _, layer in autoep.replaced_layers(model):
                 groups = layer.ep_groups
                 if groups is not None and groups.ep_rank == groups.ep_size - 1:
-                    for param in layer.routed_experts().parameters():
+                    for _, param in layer.expert_named_parameters():
                         param.copy_(param.flip(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Experts-level bugs: the interface's flags (autoep/interface.py) misread by the replaced experts.
+
+
+def _experts_units(model):
+    from autoep.experts_level import AutoEPExpertsMixin
+
+    return [unit for _, unit in autoep.replaced_layers(model) if isinstance(unit, AutoEPExpertsMixin)]
+
+
+def _flag_on(cell, flag: str, value: bool) -> bool:
+    return (equivalence_cell(cell) and experts_level(cell) and CASES_BY_ID[cell.case].refused_with is None
+            and any(getattr(spec.layout.flags, flag) == value for spec in experts_specs(cell.case)))
+
+
+def _misread_flag(model, flag: str, value: bool) -> None:
+    """The replaced experts read ``flag`` as ``value`` (their computation follows spec.layout.flags)."""
+    for unit in _experts_units(model):
+        flags = dataclasses.replace(unit.spec.layout.flags, **{flag: value})
+        unit.spec = dataclasses.replace(unit.spec, layout=dataclasses.replace(unit.spec.layout, flags=flags))
+
+
+class ExpertBiasesDropped(Mutant):
+    id = "expert_biases_dropped"
+    description = "experts-level: the experts' biases (gate_up_proj_bias, down_proj_bias) not added"
+    source = "classic mistake porting GPT-OSS experts to a grouped GEMM (has_bias ignored)"
+
+    def active(self, cell):
+        return _flag_on(cell, "has_bias", True)
+
+    def plant_model(self, model):
+        _misread_flag(model, "has_bias", False)
+
+
+class InterleavedReadAsConcatenated(Mutant):
+    id = "interleaved_read_as_concatenated"
+    description = ("experts-level: an interleaved gate/up projection (GPT-OSS: columns ::2 / 1::2) handed to the "
+                   "gate step as if it were concatenated halves, re-interleaved")
+    source = "classic mistake converting GPT-OSS checkpoints (is_concatenated=False misread)"
+
+    def active(self, cell):
+        return _flag_on(cell, "is_concatenated", False)
+
+    @staticmethod
+    def _apply_gate(unit, projected):
+        half = projected.shape[-1] // 2  # the halves taken as gate and up, then interleaved for the class's gate
+        reordered = torch.stack([projected[..., :half], projected[..., half:]], dim=-1).flatten(-2)
+        return type(unit)._apply_gate(unit, reordered)
+
+    def plant_model(self, model):
+        for unit in _experts_units(model):
+            if not unit.spec.layout.flags.is_concatenated:
+                unit._apply_gate = functools.partial(self._apply_gate, unit)
+
+
+class PostExpertNormSkipped(Mutant):
+    id = "post_expert_norm_skipped"
+    description = "experts-level: the post-expert norm (has_post_expert_norm, MuseSpark) not applied"
+    source = "classic mistake reimplementing the experts outside the decorator (a flag's step dropped)"
+
+    def active(self, cell):
+        return _flag_on(cell, "has_post_expert_norm", True)
+
+    def plant_model(self, model):
+        _misread_flag(model, "has_post_expert_norm", False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,7 +606,8 @@ BANK: list[Mutant] = [cls() for cls in (
     ExpertGradScaledByEP, CorrectionBiasDropped, UniversalMomentsLost, RouterWrongAfterZero3Partitioning,
     RouterGradWrongLossRight, MissingGradContributions, EDPNotReduced, RouterReplicasDrift, ClipNormMeanOfLocalNorms,
     LowPrecisionClipIgnoresExperts, PaddingRowsLeak, CapacityTokenDrop, GroupLimitedAsGreedy, RoutedScalingNotApplied, NormTopkPolarity,
-    RouterLogitsSlotSwapped, ExpertsWrongOrderOnRank, OnlyEPRank0ExpertsSaved, Zero3SharedStepAfterLoad)]
+    RouterLogitsSlotSwapped, ExpertsWrongOrderOnRank, OnlyEPRank0ExpertsSaved, Zero3SharedStepAfterLoad,
+    ExpertBiasesDropped, InterleavedReadAsConcatenated, PostExpertNormSkipped)]
 BY_ID: dict[str, Mutant] = {mutant.id: mutant for mutant in BANK}
 
 

@@ -91,6 +91,7 @@ class ExpertsWeights:
     gate: object                # autoep.presets.gates.GateFormula (a description)
     post_norm: PostNorm | None = None
     post_norm_weight: torch.Tensor | None = None
+    float32_inside: bool = False  # no rounding to the model dtype between the projections
 
 
 def _project(weight_e: torch.Tensor, x: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -103,11 +104,17 @@ def expert_output(weights: ExpertsWeights, expert: int, x_H: torch.Tensor, compu
     """One expert on one row, in ``compute``; values the model would hold in its own dtype before a
     clamp are rounded to it first (a clamp's derivative jumps at its limit)."""
     flags = weights.flags
-    projected = _project(weights.up[expert].to(compute), x_H, flags.is_transposed)
+
+    def rounded(value: torch.Tensor) -> torch.Tensor:  # a value the model holds in its own dtype
+        if model_dtype == compute or weights.float32_inside:
+            return value
+        return value.to(model_dtype).to(compute)
+
+    # The projection is rounded to the model dtype, then its bias added (and rounded again): the
+    # model's GEMM emits its dtype and adds the bias there.
+    projected = rounded(_project(weights.up[expert].to(compute), x_H, flags.is_transposed))
     if flags.has_bias:
-        projected = projected + weights.up_bias[expert].to(compute)
-    if model_dtype != compute:
-        projected = projected.to(model_dtype).to(compute)
+        projected = rounded(projected + weights.up_bias[expert].to(compute))
     if flags.has_gate:
         half = projected.shape[0] // 2
         if flags.is_concatenated:
@@ -120,7 +127,7 @@ def expert_output(weights: ExpertsWeights, expert: int, x_H: torch.Tensor, compu
         hidden = activation_formula(weights.gate.activation)(projected)
     y_H = _project(weights.down[expert].to(compute), hidden, flags.is_transposed)
     if flags.has_bias:
-        y_H = y_H + weights.down_bias[expert].to(compute)
+        y_H = rounded(rounded(y_H) + weights.down_bias[expert].to(compute))
     if weights.post_norm is not None:
         y_H = _post_norm(weights, y_H, compute, model_dtype)
     return y_H

@@ -96,6 +96,7 @@ class ExpertsModuleLayout:
     flags: object  # autoep.interface.ExpertsFlags
     gate: object   # autoep.presets.gates.GateFormula
     up_name: str
+    float32_inside: bool = False  # the stock experts compute between their projections in float32
 
 
 def experts_weights(module: nn.Module, layout: ExpertsModuleLayout) -> ExpertsWeights:
@@ -106,7 +107,8 @@ def experts_weights(module: nn.Module, layout: ExpertsModuleLayout) -> ExpertsWe
         up_bias=getattr(module, f"{layout.up_name}_bias") if flags.has_bias else None,
         down_bias=module.down_proj_bias if flags.has_bias else None, flags=flags, gate=layout.gate,
         post_norm=post_norm_of(norm) if norm is not None else None,
-        post_norm_weight=getattr(norm, "weight", None) if norm is not None else None)
+        post_norm_weight=getattr(norm, "weight", None) if norm is not None else None,
+        float32_inside=layout.float32_inside)
 
 
 class ReferenceExperts(nn.Module):

@@ -59,3 +59,8 @@ class GateFormula:
             return f"{self.activation}(gate) * up"
         values = ", ".join("None" if value is None else f"{value:g}" for value in self.params)
         return f"{self.kind}({act}{values})"
+
+# Experts classes whose own (eager) forward computes the projections and the gate in float32 and rounds
+# once at the end: under experts_implementation="eager" (OpenAI's privacy filter defaults to it) the
+# reference then rounds only the experts' output, not the values between the projections.
+FLOAT32_EAGER = ("OpenAIPrivacyFilterExperts",)

@@ -315,8 +315,8 @@ REFUSED: tuple[Refusal, ...] = (
             "interleaved (columns ::2 / 1::2) and carry biases (gate_up_proj_bias, down_proj_bias), the router "
             "Linear has a bias, and the activation is the clamped SwiGLU (alpha 1.702, limit 7)"),
     Refusal(("openai_privacy_filter",),
-            "not implemented yet: as gpt_oss (transposed, interleaved, biased experts; biased router; clamped "
-            "SwiGLU), plus the experts computed in float32"),
+            "not implemented yet: a biased router and GPT-OSS's experts (transposed, biased, clamped SwiGLU; gate "
+            "and up concatenated, not interleaved), computed in float32 by its eager forward"),
     Refusal(("minimax_m2",),
             "not implemented yet: MiniMaxM2SparseMoeBlock holds the e_score_correction_bias buffer on the block "
             "itself and passes it to gate.forward; AutoEP reads the correction bias from the router"),
