@@ -6,6 +6,7 @@ conformance/experts_cases.py).
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -51,13 +52,15 @@ class ModelCase:
 
 
 def keep_fp32_modules(model: torch.nn.Module) -> torch.nn.Module:
-    """Back to float32 what the model's class keeps in float32 whatever the dtype it is loaded in
+    """Back to float32 what the model's class keeps in float32 when it is loaded in bf16 or fp16
     (``_keep_in_fp32_modules_strict``: a router weight, a correction bias), as ``from_pretrained``
-    does; ``model.to(dtype)`` casts everything."""
-    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    does: a parameter or buffer whose name contains one of the entries (``*`` a wildcard, searched as
+    Transformers' loader searches them); ``model.to(dtype)`` casts everything."""
+    patterns = [re.compile(re.escape(entry).replace(r"\*", ".*"))
+                for entry in getattr(model, "_keep_in_fp32_modules_strict", None) or ()]
     with torch.no_grad():
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if tensor.is_floating_point() and tensor.dtype != torch.float32 and keep & set(name.split(".")):
+            if tensor.dtype in (torch.bfloat16, torch.float16) and any(p.search(name) for p in patterns):
                 tensor.data = tensor.data.float()
     return model
 

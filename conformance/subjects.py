@@ -156,9 +156,13 @@ class DeepSpeedBuiltinSubject:
         from autoep.presets import PRESETS
         from conformance.models import CASES_BY_ID
 
-        family = PRESETS[CASES_BY_ID[cell.case].preset]
-        if not family.deepspeed_preset:
-            return f"DeepSpeed's AutoEP has no preset for the {family.name} family"
+        case = CASES_BY_ID[cell.case]
+        if case.ep_block.get("replacement") == "experts":
+            return ("an experts-level cell (expert_parallel.replacement='experts'): DeepSpeed's AutoEP replaces whole "
+                    "blocks of its presets only")
+        family = PRESETS.get(case.preset)
+        if family is None or not family.deepspeed_preset:
+            return f"DeepSpeed's AutoEP has no preset for the {case.preset} family"
         return None
 
     def unavailable_reason(self, cell=None) -> str | None:

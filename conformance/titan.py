@@ -174,8 +174,11 @@ class TorchTitanSubject:
     def not_applicable_reason(self, cell) -> str | None:
         """TorchTitan's HF MoE backend documents Qwen3 models (its config_registry); it is judged on the
         seed's presets, not on the table's other families (conformance/models.py FAMILY_CASES)."""
-        from matrix.cells import FAMILY_CASE_IDS
+        from matrix.cells import EXPERTS_LEVEL_CASE_IDS, FAMILY_CASE_IDS, PLAIN_CASE_IDS
 
+        if cell.case in EXPERTS_LEVEL_CASE_IDS or cell.case in PLAIN_CASE_IDS:
+            return ("an experts-level or plain-module cell: TorchTitan's HF MoE backend swaps whole blocks of the "
+                    "families it documents")
         if cell.case in FAMILY_CASE_IDS:
             return ("TorchTitan's HF MoE backend is judged on the seed's presets (it documents Qwen3 models); the "
                     "family table's other families are not claimed by it")

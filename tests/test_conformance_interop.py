@@ -14,7 +14,8 @@ from conformance.models import CASES_BY_ID, DEFAULT_CASES
 from conformance.report import markdown
 from conformance.runner import run_cell
 from conformance.subjects import SUBJECTS
-from matrix.cells import DTYPES, INTEROP_FAMILIES, TRANSFORMERS_VERSIONS, Cell, cells, expected
+from matrix.cells import (DEFAULT_TRANSFORMERS, DTYPES, EXPERTS_INTEROP_CASES, INTEROP_FAMILIES, TRANSFORMERS_VERSIONS,
+                          Cell, cells, expected)
 
 MIXTRAL = CASES_BY_ID["mixtral"]
 
@@ -30,7 +31,9 @@ def test_every_family_of_the_matrix_has_its_checks():
 def test_every_version_case_dtype_and_family_is_a_cell_with_its_expected_outcome():
     registered = {(c.transformers, c.case, c.dtype, c.interop) for c in cells() if c.interop}
     assert registered == {(v, case.id, dtype, family) for v in TRANSFORMERS_VERSIONS for case in DEFAULT_CASES
-                          for dtype in DTYPES for family in INTEROP_FAMILIES}
+                          for dtype in DTYPES for family in INTEROP_FAMILIES} | {
+        (DEFAULT_TRANSFORMERS, case_id, dtype, family) for case_id in EXPERTS_INTEROP_CASES for dtype in DTYPES
+        for family in INTEROP_FAMILIES}
     assert len({c.id for c in cells()}) == len(cells())
     assert expected(Cell("5.24.0", "deepseek_v3", "none", 1, 1, "bfloat16", interop="compile")).outcome == "pass"
     assert expected(Cell("4.57.6", "mixtral", "none", 1, 1, "float32", interop="generate")).error == \

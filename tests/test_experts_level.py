@@ -186,4 +186,38 @@ def test_a_case_builds_modules_its_class_keeps_in_float32_in_float32():
     model = case.build(dtype=torch.bfloat16)
     biases = [buffer for name, buffer in model.named_buffers() if name.endswith("e_score_correction_bias")]
     assert biases and all(bias.dtype == torch.float32 for bias in biases)
-    assert model.model.layers[0].mlp.gate.weight.dtype == torch.bfloat16
+    # DeepseekV3's _keep_in_fp32_modules_strict names "gate.weight" too: the router stays float32
+    assert model.model.layers[0].mlp.gate.weight.dtype == torch.float32
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+
+
+def test_hooks_on_the_experts_module_keep_firing_with_the_same_values():
+    """The experts module is replaced in place (its class swapped): a forward hook registered on it
+    before autoep.apply sees the same inputs and outputs as on the stock model."""
+    stock = CASES_BY_ID["gpt_oss"].build()
+    applied = copy.deepcopy(stock)
+    seen = {}
+
+    def record(label):
+        def hook(module, args, output):
+            seen.setdefault(label, (args[1].clone(), output.detach()))
+        return hook
+
+    for label, model in (("stock", stock), ("applied", applied)):
+        model.model.layers[1].mlp.experts.register_forward_hook(record(label))
+    autoep.apply(applied, EXPERTS_MODE)
+    ids = _ids()
+    stock(input_ids=ids), applied(input_ids=ids)
+    assert torch.equal(seen["stock"][0], seen["applied"][0])
+    torch.testing.assert_close(seen["applied"][1], seen["stock"][1], rtol=1e-5, atol=1e-6)
+
+
+def test_inspect_names_an_experts_level_model_from_its_model_type(capsys):
+    from autoep.cli import main as cli_main
+
+    assert cli_main(["inspect", "gpt_oss", "--json"]) == 0
+    import json
+
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and all(row["routing"] == "the model's own router (experts-level)" for row in rows)
+    assert "transposed" in rows[0]["shared"] and "clamped_swiglu" in rows[0]["shared"]
