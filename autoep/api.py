@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 from torch import nn
 
@@ -45,8 +47,34 @@ def replaced_layers(model: nn.Module) -> list[tuple[str, AutoEPMoELayer | AutoEP
     return found
 
 
+class PartitionedBuild(Protocol):
+    """How :func:`apply` replaces blocks of a model whose parameters are partitioned by ZeRO-3
+    (built under ``deepspeed.zero.Init``, or loaded by ``from_pretrained`` under ZeRO-3): the
+    DeepSpeed integration (``autoep.initialize``) provides it."""
+
+    def gather(self, params: list[nn.Parameter]):
+        """A context in which ``params`` hold their full values on every rank (released after)."""
+
+    def partition(self, params: list[nn.Parameter]) -> None:
+        """Hand the new expert parameters of one replaced unit back to ZeRO-3, partitioned."""
+
+
+def partitioned_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters ZeRO-3 holds partitioned (``ds_id`` set by deepspeed.zero.Init)."""
+    return [name for name, param in model.named_parameters() if hasattr(param, "ds_id")]
+
+
+def _source_expert_parameters(spec, model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of a unit that :func:`build_layer` / :func:`build_experts` slice by expert."""
+    if isinstance(spec, ExpertsSpec):
+        experts = model.get_submodule(spec.experts_path)
+        return [experts._parameters[name] for name in spec.layout.expert_parameters]
+    experts = getattr(spec.block, spec.experts_attr)
+    return [getattr(experts, spec.gate_up_name), getattr(experts, spec.down_name)]
+
+
 def apply(model: nn.Module, config: AutoEPConfig | Mapping[str, Any] | None = None, group=None,
-          groups: ExpertParallelGroups | None = None) -> nn.Module:
+          groups: ExpertParallelGroups | None = None, partitioned: PartitionedBuild | None = None) -> nn.Module:
     """Replace every detected MoE block of ``model`` in place; returns ``model``.
 
     With ``autoep_size > 1`` this is collective: every rank of ``group`` (default: the
@@ -56,6 +84,9 @@ def apply(model: nn.Module, config: AutoEPConfig | Mapping[str, Any] | None = No
     as after a common seed or a broadcast). Router, shared experts and everything else stay
     replicated. Everything is validated before the first module or process group is created.
     ``groups``: EP/EDP groups built elsewhere (the DeepSpeed integration passes DeepSpeed's own).
+    ``partitioned``: for a model ZeRO-3 holds partitioned, the units are replaced one at a time: the
+    unit's expert parameters gathered, this rank's slice built, the full copy released, the new
+    parameters partitioned again (:class:`PartitionedBuild`; ``autoep.initialize`` passes it).
     """
     config = _resolve(config)
     if not config.enabled:
@@ -63,6 +94,13 @@ def apply(model: nn.Module, config: AutoEPConfig | Mapping[str, Any] | None = No
         return model
     if replaced_layers(model):
         raise ValueError("autoep.apply: the model already holds AutoEPMoELayer modules (applied twice?)")
+    partitioned_names = partitioned_parameters(model)
+    if partitioned_names and partitioned is None:
+        raise ValueError(
+            f"parameter {partitioned_names[0]!r} (and {len(partitioned_names) - 1} more) is partitioned by DeepSpeed "
+            "ZeRO-3 (a model built under deepspeed.zero.Init, or loaded by from_pretrained under HfDeepSpeedConfig "
+            "with ZeRO-3): autoep.apply cannot read its experts. Call autoep.initialize with the ZeRO-3 config: it "
+            "gathers each block, replaces it and partitions the new experts again.")
     specs = detect(model, config)
     for spec in specs:  # hooks and experts implementation, before any block is replaced
         if isinstance(spec, ExpertsSpec):
@@ -78,11 +116,21 @@ def apply(model: nn.Module, config: AutoEPConfig | Mapping[str, Any] | None = No
     elif config.autoep_size > 1:
         groups = build_groups(config.autoep_size, group, expert_counts)  # validates sizes first
     sliced: dict = {}  # one slice per full expert Parameter, however many experts modules share it
+    slicing = groups is not None and groups.ep_size > 1
     for spec in specs:
-        if isinstance(spec, ExpertsSpec):
-            build_experts(spec, model.get_submodule(spec.experts_path), config.use_grouped_mm, groups, sliced)
-        else:
-            model.set_submodule(spec.name, build_layer(spec, use_grouped_mm=config.use_grouped_mm, groups=groups))
+        sources = _source_expert_parameters(spec, model) if partitioned is not None and slicing else []
+        with partitioned.gather(sources) if sources else contextlib.nullcontext():
+            if isinstance(spec, ExpertsSpec):
+                unit = build_experts(spec, model.get_submodule(spec.experts_path), config.use_grouped_mm, groups,
+                                     sliced)
+            else:
+                unit = build_layer(spec, use_grouped_mm=config.use_grouped_mm, groups=groups)
+                model.set_submodule(spec.name, unit)
+        if sources:
+            partitioned.partition([param for _, param in unit.expert_named_parameters() if not hasattr(param, "ds_id")])
+            spec.block = None  # the replaced block's shards go now, not after the last block
+            del sources, unit
+            gc.collect()  # (ZeRO parameters hold reference cycles)
     what = "experts modules (experts level)" if isinstance(specs[0], ExpertsSpec) else "MoE blocks"
     logger.info("autoep: replaced %d %s (family %s)", len(specs), what, specs[0].preset)
     return model

@@ -577,7 +577,7 @@ def _check_shared_mlp(where: str, mlp: nn.Module, hidden: int) -> None:
         layer = getattr(mlp, proj, None)
         if layer is None or getattr(layer, "bias", None) is not None:
             raise DetectionError(f"{where}: shared expert must be a SwiGLU MLP with bias-free {proj}.")
-    if mlp.gate_proj.weight.shape[1] != hidden or mlp.down_proj.weight.shape[0] != hidden:
+    if _shape(mlp.gate_proj.weight)[1] != hidden or _shape(mlp.down_proj.weight)[0] != hidden:
         raise DetectionError(f"{where}: shared expert width does not match hidden size {hidden}.")
 
 
@@ -587,8 +587,8 @@ def _check_fused_shared_mlp(where: str, mlp: nn.Module, hidden: int) -> None:
     if not isinstance(down, nn.Linear) or gate_up.bias is not None or down.bias is not None:
         raise DetectionError(f"{where}: shared expert with a fused gate_up_proj needs a down_proj Linear; neither "
                              "may have a bias.")
-    two_i, in_features = gate_up.weight.shape
-    if in_features != hidden or two_i % 2 or tuple(down.weight.shape) != (hidden, two_i // 2):
+    two_i, in_features = _shape(gate_up.weight)
+    if in_features != hidden or two_i % 2 or _shape(down.weight) != (hidden, two_i // 2):
         raise DetectionError(
-            f"{where}: shared expert gate_up_proj {tuple(gate_up.weight.shape)} / down_proj "
-            f"{tuple(down.weight.shape)} are not [2I, H={hidden}] / [H={hidden}, I].")
+            f"{where}: shared expert gate_up_proj {_shape(gate_up.weight)} / down_proj "
+            f"{_shape(down.weight)} are not [2I, H={hidden}] / [H={hidden}, I].")

@@ -202,12 +202,16 @@ def _tag_expert_parameters(model: nn.Module, group_name: str, stage: int) -> Non
 
     for _, layer in replaced_layers(model):
         for _, param in layer.expert_named_parameters():
-            param.allreduce = False  # deepspeed.moe.utils.is_moe_param
-            param.group_name = group_name
-            if stage == 3:
-                param.ds_zero_placement_family = "autoep_expert"
-                param.ds_zero_partition_group_name = group_name
-                param.ds_zero_partition_process_group = ds_groups._get_expert_data_parallel_group(group_name)
+            _tag_expert_parameter(param, group_name, stage, ds_groups)
+
+
+def _tag_expert_parameter(param: nn.Parameter, group_name: str, stage: int, ds_groups) -> None:
+    param.allreduce = False  # deepspeed.moe.utils.is_moe_param
+    param.group_name = group_name
+    if stage == 3:
+        param.ds_zero_placement_family = "autoep_expert"
+        param.ds_zero_partition_group_name = group_name
+        param.ds_zero_partition_process_group = ds_groups._get_expert_data_parallel_group(group_name)
 
 
 def _remap(params_or_groups, replaced: dict[int, nn.Parameter]):
@@ -443,6 +447,60 @@ def _engine_class():
     return AutoEPEngine
 
 
+def check_partitioned_build(model: nn.Module, stage: int) -> bool:
+    """Whether ``model`` is held partitioned by ZeRO-3 (built under ``deepspeed.zero.Init``, or
+    loaded by ``from_pretrained`` under ``HfDeepSpeedConfig`` with ZeRO-3); refused, before anything
+    changes, when the engine config is not ZeRO-3 or a parameter is partitioned by something
+    AutoEP cannot gather and re-partition (a DTensor of FSDP2 or tensor parallelism, a ZeRO
+    parameter without DeepSpeed's converter)."""
+    partitioned, foreign = [], []
+    for name, param in model.named_parameters():
+        if hasattr(param, "ds_id"):
+            partitioned.append(name)
+            if not callable(getattr(param, "convert_to_zero_parameters", None)):
+                foreign.append(f"{name} (a ZeRO parameter without DeepSpeed's converter)")
+        elif type(param).__name__ == "DTensor" or type(getattr(param, "data", None)).__name__ == "DTensor":
+            foreign.append(f"{name} (a DTensor: partitioned by FSDP2 or tensor parallelism)")
+    if foreign:
+        raise AutoEPConfigError(
+            f"parameter {foreign[0]} is partitioned by a mechanism AutoEP cannot gather and re-partition; build the "
+            "model whole, or under deepspeed.zero.Init with the ZeRO-3 config given to autoep.initialize")
+    if partitioned and stage != 3:
+        raise AutoEPConfigError(
+            f"zero_optimization.stage={stage}, but parameter {partitioned[0]!r} is partitioned by ZeRO-3 (the model "
+            "was built under deepspeed.zero.Init, or loaded by from_pretrained under HfDeepSpeedConfig with ZeRO-3): "
+            "set zero_optimization.stage to 3, or build the model without zero.Init")
+    return bool(partitioned)
+
+
+class _ZeRO3PartitionedBuild:
+    """``autoep.api.PartitionedBuild`` for a model partitioned by ZeRO-3: a unit's expert parameters
+    are gathered with ``deepspeed.zero.GatheredParameters`` (every rank; released at the end of the
+    block), and the new per-rank expert slices are tagged for the expert-data-parallel group and
+    converted to ZeRO parameters partitioned over it (as DeepSpeed's own AutoEP does), before the
+    next unit is gathered: at most one unit is held whole at a time."""
+
+    def __init__(self, model: nn.Module, group_name: str | None):
+        self.group_name = group_name
+        self.convert = next(param.convert_to_zero_parameters for param in model.parameters()
+                            if hasattr(param, "convert_to_zero_parameters"))
+
+    def gather(self, params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+
+    def partition(self, params) -> None:
+        if not params:
+            return
+        if self.group_name is not None:
+            from deepspeed.utils import groups as ds_groups
+
+            for param in params:
+                _tag_expert_parameter(param, self.group_name, 3, ds_groups)
+        self.convert(param_list=list(params))
+
+
 def check_no_native_moe_at_zero3(model: nn.Module) -> None:
     """ZeRO-3 partitions expert parameters only for AutoEP layers: a model that also holds
     DeepSpeed's own ``deepspeed.moe.layer.MoE`` modules is refused (read-only check)."""
@@ -560,8 +618,10 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
     stage = _zero_stage(ds_config)
     if stage == 3:
         check_no_native_moe_at_zero3(model)
+    partitioned = check_partitioned_build(model, stage)
     specs = inspect(model, ep_config)
     expert_counts = {spec.name: spec.num_experts for spec in specs}
+    del specs  # (they hold the blocks: a partitioned build releases each replaced block as it goes)
     check_autoep_size(ep_config.autoep_size, None, expert_counts)
     # 2. Processes.
     ds_comm.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
@@ -579,7 +639,8 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
     if expert_parallel:
         group_name, groups = _deepspeed_groups(ep_config.autoep_size,
                                                bool(ds_config.get("use_data_before_expert_parallelism", False)))
-    apply(model, ep_config, groups=groups)
+    apply(model, ep_config, groups=groups,
+          partitioned=_ZeRO3PartitionedBuild(model, group_name) if partitioned else None)
     # 4. Parameters and the client optimizer.
     after = dict(model.named_parameters())
     replaced = {old_id: after[name] for old_id, name in before.items() if name in after and id(after[name]) != old_id}
@@ -596,5 +657,5 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
                                       distributed_port=distributed_port, mpu=mpu,
                                       dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds_config)
     logger.info("autoep.initialize: AutoEP (this package) replaced %d MoE blocks, autoep_size=%d, ZeRO stage %d; "
-                "DeepSpeed's built-in AutoEP was not invoked", len(specs), ep_config.autoep_size, stage)
+                "DeepSpeed's built-in AutoEP was not invoked", len(expert_counts), ep_config.autoep_size, stage)
     return result

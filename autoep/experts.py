@@ -362,10 +362,11 @@ class GroupedExperts(nn.Module):
 
     @property
     def num_local_experts(self) -> int:
-        return self.gate_up.shape[0]
+        return tuple(getattr(self.gate_up, "ds_shape", None) or self.gate_up.shape)[0]
 
     def extra_repr(self) -> str:
-        experts, two_i, hidden = self.gate_up.shape
+        # (a ZeRO-3 parameter's full shape is in ds_shape: its local tensor is empty between uses)
+        experts, two_i, hidden = tuple(getattr(self.gate_up, "ds_shape", None) or self.gate_up.shape)
         act = self.activation + (f"{self.activation_params}" if self.activation_params else "")
         return (f"local_experts={experts}, hidden={hidden}, expert_width={two_i // 2}, act={act}, "
                 f"implementation={self.implementation()}")

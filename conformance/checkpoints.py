@@ -98,13 +98,14 @@ def round_trip_on_rank(case_id: str, setup: TrainingSetup, dtype_name: str, fold
 
 def resume_elsewhere(case_id: str, zero_stage: int, source: tuple[int, int], target: tuple[int, int], folder: str,
                      steps_before: int = 2, steps_after: int = 2, subject_name: str = "autoep",
-                     device: str = "cpu") -> list:
+                     device: str = "cpu", zero_init: bool = False) -> list:
     """Train ``steps_before`` steps at ``source`` (world, autoep_size), save, convert to a
     Universal Checkpoint (with the subject's converter), resume at ``target`` for ``steps_after`` steps. The per-step losses
     and the final parameters must equal a single-process AdamW run of the original model on
     the same global batches (4 micro-batches per step at both ends: world x gradient
     accumulation = 4, so the objective is the same). ``device="cuda"``: the engines run one GPU per
-    rank (the reference on the CPU)."""
+    rank (the reference on the CPU). ``zero_init``: both ends build the model under
+    deepspeed.zero.Init (ZeRO-3)."""
     import os
 
     from autoep import launch
@@ -118,7 +119,8 @@ def resume_elsewhere(case_id: str, zero_stage: int, source: tuple[int, int], tar
     for end, (world, autoep_size) in (("source", source), ("target", target)):
         if micro_batches % world:
             raise ValueError(f"world size {world} does not divide the {micro_batches} micro-batches of a step")
-        setups[end] = TrainingSetup(zero_stage, autoep_size, steps=total, grad_accum=micro_batches // world)
+        setups[end] = TrainingSetup(zero_stage, autoep_size, steps=total, grad_accum=micro_batches // world,
+                                    zero_init=zero_init)
     case = CASES_BY_ID[case_id]
     batches = global_batches(case.build().config.get_text_config().vocab_size, source[0], setups["source"])
     saved, universal = os.path.join(folder, "saved"), os.path.join(folder, "universal")

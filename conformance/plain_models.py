@@ -84,24 +84,34 @@ class PlainLayer(nn.Module):
         return hidden_states + self.mlp(self.norm(hidden_states))
 
 
+class PlainMixtralModel(nn.Module):
+    def __init__(self, config: PlainMixtralConfig):
+        super().__init__()
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(PlainLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = nn.LayerNorm(config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(input_ids)
+        for layer in self.layers:
+            hidden = layer(hidden)
+        return self.norm(hidden)
+
+
 class PlainMixtralForCausalLM(nn.Module):
-    """Embedding, residual MoE layers, a final norm and an LM head; ``forward(input_ids, labels)``
-    returns ``.logits`` and ``.loss`` (next-token cross-entropy), like a Transformers causal LM."""
+    """Embedding, residual MoE layers (at ``model.layers.<i>.mlp``, where Transformers' Mixtral has
+    them), a final norm and an LM head; ``forward(input_ids, labels)`` returns ``.logits`` and
+    ``.loss`` (next-token cross-entropy), like a Transformers causal LM."""
 
     def __init__(self, config: PlainMixtralConfig):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(PlainLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = nn.LayerNorm(config.hidden_size)
+        self.model = PlainMixtralModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, output_router_logits: bool = False):
         """(The model has no aux loss: ``output_router_logits`` changes nothing.)"""
-        hidden = self.embed(input_ids)
-        for layer in self.layers:
-            hidden = layer(hidden)
-        logits = self.lm_head(self.norm(hidden))
+        logits = self.lm_head(self.model(input_ids))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))

@@ -134,7 +134,7 @@ def _run_training(cell: Cell, subject, device: str = "cpu") -> dict:
     (3 steps in float32, BF16_STEPS in bf16)."""
     from conformance.training import BF16_STEPS, TrainingSetup, compare_training
 
-    setup = TrainingSetup(int(cell.zero_stage), cell.autoep_size)
+    setup = TrainingSetup(int(cell.zero_stage), cell.autoep_size, zero_init=cell.build == "zero-init")
     if cell.dtype != "float32":
         setup = dataclasses.replace(setup, steps=BF16_STEPS)
     try:
@@ -162,7 +162,8 @@ def _run_checkpoint(cell: Cell, subject, device: str = "cpu") -> dict:
     try:
         with tempfile.TemporaryDirectory(prefix="autoep-conformance-") as folder:
             checks = resume_elsewhere(cell.case, int(cell.zero_stage), (cell.world_size, cell.autoep_size),
-                                      cell.resume_topology, folder, subject_name=subject.name, device=device)
+                                      cell.resume_topology, folder, subject_name=subject.name, device=device,
+                                      zero_init=cell.build == "zero-init")
     except Exception:
         return {"status": "fail", "detail": traceback.format_exc()[-1500:]}
     return _checks_record(checks)

@@ -58,6 +58,9 @@ class TrainingSetup:
     optimizer_route: str | None = None
     # The models' router_aux_loss_coef (None: the case's, 0.1); 0 judges a run apart from its aux loss.
     aux_loss_coef: float | None = None
+    # The subject's model is built partitioned, under deepspeed.zero.Init with the engine's config
+    # (ZeRO-3 only): autoep.initialize gathers, replaces and re-partitions it one block at a time.
+    zero_init: bool = False
 
 
 def deepspeed_config(setup: TrainingSetup, dtype_name: str, ep_block: dict | None = None) -> dict:
@@ -121,6 +124,34 @@ def build_model(case: ModelCase, seed: int, dtype: torch.dtype, setup: TrainingS
         model.router_aux_loss_coef = setup.aux_loss_coef
         model.config.router_aux_loss_coef = setup.aux_loss_coef
     return model
+
+
+def build_partitioned(case: ModelCase, seed: int, ds_config: dict, setup: TrainingSetup) -> torch.nn.Module:
+    """The case's model built under ``deepspeed.zero.Init`` (every parameter partitioned over the
+    ranks as it is created), with the weights :meth:`ModelCase.build` gives it: the randomisation and
+    the case's post_init run on the gathered parameters (tiny models: all at once) and rank 0's
+    values are kept. Collective: every rank."""
+    import deepspeed
+
+    from conformance.model_case import _load, _randomize, make_config
+
+    if setup.zero_stage != 3:
+        raise ValueError(f"zero_init needs ZeRO stage 3, got {setup.zero_stage}")
+    # The class and config outside the context: zero.Init patches tensor construction, and a module
+    # imported inside it (Transformers imports lazily, and torch._dynamo with it) sees the patch.
+    model_class, config = _load(case.causal_lm_class), make_config(case)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        torch.manual_seed(seed)
+        model = model_class(config)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+        _randomize(model, generator)
+        if case.post_init is not None:
+            case.post_init(model, generator)
+    if setup.aux_loss_coef is not None:
+        model.router_aux_loss_coef = setup.aux_loss_coef
+        model.config.router_aux_loss_coef = setup.aux_loss_coef
+    return model.eval()
 
 
 def global_batches(vocab: int, world_size: int, setup: TrainingSetup, seed: int = 123) -> torch.Tensor:
@@ -265,8 +296,11 @@ def build_engine(case_id: str, subject_name: str, dtype_name: str, seed: int, se
     from conformance.subjects import subject_by_name
 
     subject = subject_by_name(subject_name)
-    model = build_model(CASES_BY_ID[case_id], seed, torch.float32, setup).train()
     config = deepspeed_config(setup, dtype_name, CASES_BY_ID[case_id].ep_block)
+    if setup.zero_init:
+        model = build_partitioned(CASES_BY_ID[case_id], seed, config, setup).train()
+    else:
+        model = build_model(CASES_BY_ID[case_id], seed, torch.float32, setup).train()
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
     if not setup.client_optimizer:

@@ -100,20 +100,23 @@ class Cell:
     dtype: str
     resume: str | None = None  # checkpoint cells: "w<world>-ep<autoep_size>" resumed on
     interop: str | None = None  # interop cells: the family (INTEROP_FAMILIES)
+    build: str | None = None  # "zero-init": the model is built partitioned under deepspeed.zero.Init (ZeRO-3)
 
     @property
     def id(self) -> str:
         resume = f"->{self.resume}" if self.resume else ""
         interop = f"/interop-{self.interop}" if self.interop else ""
+        build = f"/{self.build}" if self.build else ""
         return (f"tf{self.transformers}/{self.case}/zero-{self.zero_stage}/w{self.world_size}"
-                f"-ep{self.autoep_size}{resume}{interop}/{self.dtype}")
+                f"-ep{self.autoep_size}{resume}{interop}{build}/{self.dtype}")
 
     @property
     def topology(self) -> str:
         if self.interop:
             return f"interop {self.interop}"
         resume = f" -> {self.resume.replace('-', ' ')} (checkpoint)" if self.resume else ""
-        return f"zero-{self.zero_stage} w{self.world_size} ep{self.autoep_size}{resume}"
+        build = f" ({self.build})" if self.build else ""
+        return f"zero-{self.zero_stage} w{self.world_size} ep{self.autoep_size}{resume}{build}"
 
     @property
     def resume_topology(self) -> tuple[int, int] | None:
@@ -167,7 +170,22 @@ def cells() -> list[Cell]:
                 for dtype in DTYPES:
                     result.append(Cell(version, case.id, "none", 1, 1, dtype, interop=family))
         result += _experts_level_cells(version)
+        if version == DEFAULT_TRANSFORMERS:
+            result += _zero_init_cells(version)
     return result
+
+
+# Models built partitioned under deepspeed.zero.Init (ZeRO-3): a seed preset and a family-table row
+# (DeepSeek-V3 routing, shared experts) at w4 ep2 and ep4 in both dtypes, and a Universal resume.
+ZERO_INIT_CASES = ("mixtral", "glm4_moe")
+ZERO_INIT = "zero-init"
+
+
+def _zero_init_cells(version: str) -> list[Cell]:
+    result = [Cell(version, case_id, 3, 4, ep, dtype, build=ZERO_INIT) for case_id in ZERO_INIT_CASES
+              for ep in (2, 4) for dtype in DTYPES]
+    return result + [Cell(version, "mixtral", 3, 2, 2, "float32", "w4-ep4", build=ZERO_INIT),
+                     Cell(version, "mixtral", 3, 4, 2, "float32", "w2-ep1", build=ZERO_INIT)]
 
 
 def _experts_level_cells(version: str) -> list[Cell]:
@@ -227,9 +245,9 @@ def _one_process(cell: Cell) -> bool:
     return cell.zero_stage == "none" and cell.world_size == 1 and cell.resume is None and cell.interop is None
 
 
-def _is(cell: Cell, stage, world: int, ep: int, resume: str | None = None) -> bool:
-    return (cell.zero_stage, cell.world_size, cell.autoep_size, cell.resume) == (stage, world, ep, resume) \
-        and cell.interop is None
+def _is(cell: Cell, stage, world: int, ep: int, resume: str | None = None, build: str | None = None) -> bool:
+    return (cell.zero_stage, cell.world_size, cell.autoep_size, cell.resume, cell.build) == (
+        stage, world, ep, resume, build) and cell.interop is None
 
 
 def _experts_level(cell: Cell) -> bool:
@@ -260,6 +278,8 @@ def _smoke(cell: Cell) -> bool:
     experts-level and plain-module case on one process in float32."""
     if _experts_level(cell):
         return _one_process(cell) and cell.dtype == "float32"
+    if cell.build == ZERO_INIT:
+        return cell.case == "mixtral" and cell.dtype == "float32" and _is(cell, 3, 4, 2, build=ZERO_INIT)
     if cell.case in FAMILY_CASE_IDS and cell.case not in FAMILY_DEFAULT_CASES:
         return False
     if cell.dtype != "float32":
@@ -331,6 +351,9 @@ def _default(cell: Cell) -> bool:
     cases: :func:`_experts_level_default`."""
     if _experts_level(cell):
         return _experts_level_default(cell)
+    if cell.build == ZERO_INIT:  # fp32 at ep 2 for both cases, the seed preset's bf16, and one resume
+        return (cell.resume is None and cell.autoep_size == 2 and (cell.dtype == "float32" or cell.case == "mixtral")) \
+            or _is(cell, 3, 2, 2, "w4-ep4", build=ZERO_INIT)
     if cell.case in FAMILY_CASE_IDS:
         if cell.case not in FAMILY_DEFAULT_CASES:
             return False

@@ -12,6 +12,7 @@ module-level function a mutant swaps (``autoep.checkpoint.write_experts``) is re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -512,6 +513,46 @@ class PostExpertNormSkipped(Mutant):
 
 
 # ---------------------------------------------------------------------------------------------
+# ZeRO-3 partitioned-build bugs.
+
+
+class WrongSliceFromGatheredBlock(Mutant):
+    id = "wrong_slice_from_gathered_block"
+    description = ("a model built under deepspeed.zero.Init: each rank slices the next EP rank's experts from the "
+                   "gathered block (the slice offset taken from the wrong rank)")
+    source = "classic mistake gathering ZeRO-3 partitions for expert sharding (DeepSpeed's AutoEP zero.Init tests)"
+
+    def active(self, cell):
+        return cell.build == "zero-init" and cell.autoep_size > 1 and cell.resume is None
+
+    def initialize(self, model, ds_config, optimizer):
+        from autoep import engine as autoep_engine
+
+        original = autoep_engine._ZeRO3PartitionedBuild.gather
+        ep = ds_config["expert_parallel"]["autoep_size"]
+
+        @contextlib.contextmanager
+        def gather_shifted(build, params):
+            with original(build, params):
+                shifts = [param.shape[0] // ep for param in params]  # one EP rank's experts
+                with torch.no_grad():
+                    for param, shift in zip(params, shifts):
+                        param.data = param.data.roll(-shift, dims=0)
+                try:
+                    yield
+                finally:
+                    with torch.no_grad():
+                        for param, shift in zip(params, shifts):
+                            param.data = param.data.roll(shift, dims=0)
+
+        autoep_engine._ZeRO3PartitionedBuild.gather = gather_shifted
+        try:
+            return super().initialize(model, ds_config, optimizer)
+        finally:
+            autoep_engine._ZeRO3PartitionedBuild.gather = original
+
+
+# ---------------------------------------------------------------------------------------------
 # Checkpoint bugs.
 
 
@@ -607,7 +648,7 @@ BANK: list[Mutant] = [cls() for cls in (
     RouterGradWrongLossRight, MissingGradContributions, EDPNotReduced, RouterReplicasDrift, ClipNormMeanOfLocalNorms,
     LowPrecisionClipIgnoresExperts, PaddingRowsLeak, CapacityTokenDrop, GroupLimitedAsGreedy, RoutedScalingNotApplied, NormTopkPolarity,
     RouterLogitsSlotSwapped, ExpertsWrongOrderOnRank, OnlyEPRank0ExpertsSaved, Zero3SharedStepAfterLoad,
-    ExpertBiasesDropped, InterleavedReadAsConcatenated, PostExpertNormSkipped)]
+    ExpertBiasesDropped, InterleavedReadAsConcatenated, PostExpertNormSkipped, WrongSliceFromGatheredBlock)]
 BY_ID: dict[str, Mutant] = {mutant.id: mutant for mutant in BANK}
 
 
