@@ -1,8 +1,7 @@
 """The rank process started by :class:`autoep.launch.RankPool` (``python -m autoep._rank_worker``).
 
-It connects back to the parent, receives the pool's secret key prefix over that
-(authenticated) connection, joins the default process group through the parent's TCPStore
-with every key under that prefix, then runs ``(target, args, kwargs)`` requests until told
+It connects back to the parent, receives the path of the pool's FileStore over that
+(authenticated) connection, joins the default process group through it, then runs ``(target, args, kwargs)`` requests until told
 to stop. Every outcome goes back as ``("ok", result)`` or ``("error", traceback)``.
 """
 
@@ -38,15 +37,45 @@ def parent_gone(parent_pid: int) -> bool:
     return os.getppid() != parent_pid or ended_unreaped(parent_pid)
 
 
+def end_everything(*_signal) -> None:
+    """End this rank and everything it started: its descendants (also those that left its process
+    group, found through /proc), its process group, itself."""
+    from autoep.launch import descendants
+
+    for pid in descendants(os.getpid()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if os.getpgrp() == os.getpid():
+        os.killpg(os.getpid(), signal.SIGKILL)  # the group, this process included
+    os._exit(3)
+
+
+def _guard_against_orphans(parent_pid: int) -> None:
+    """Linux: this process adopts what its children leave behind (a child subreaper, so every
+    descendant stays in its tree) and gets SIGTERM from the kernel when the parent dies, whatever
+    killed it (PR_SET_PDEATHSIG); the handler ends everything. Elsewhere the watchdog thread alone."""
+    signal.signal(signal.SIGTERM, end_everything)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if parent_gone(parent_pid):  # it died before the death signal was armed
+        end_everything()
+
+
 def _exit_when_parent_dies(parent_pid: int) -> None:
     # A rank blocked in a collective never reads its connection again; this thread ends the
     # process once the parent is gone (killed, crashed, Ctrl-C), so no rank outlives its pool,
     # and with it every process it started (the pool starts each rank as a process group leader).
     while True:
         if parent_gone(parent_pid):
-            if os.getpgrp() == os.getpid():
-                os.killpg(os.getpid(), signal.SIGKILL)  # the group, this process included
-            os._exit(3)
+            end_everything()
         time.sleep(0.5)
 
 
@@ -74,12 +103,13 @@ def _without_deepspeed_shm_kernel() -> None:
 def main() -> None:
     env = os.environ
     rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+    _guard_against_orphans(int(env["AUTOEP_RANK_PARENT_PID"]))
     threading.Thread(target=_exit_when_parent_dies, args=(int(env["AUTOEP_RANK_PARENT_PID"]),),
                      daemon=True).start()
     host, port = env["AUTOEP_RANK_PARENT"].rsplit(":", 1)
     connection = Client((host, int(port)), authkey=bytes.fromhex(env["AUTOEP_RANK_AUTHKEY"]))
     send(connection, rank)
-    store_prefix = receive(connection)  # the pool's secret: every key of this job lives under it
+    store_path = receive(connection)  # the job's FileStore, in a directory only this user can enter
     try:
         import torch
         import torch.distributed as dist
@@ -87,10 +117,9 @@ def main() -> None:
         torch.set_num_threads(int(env["AUTOEP_THREADS"]))
         if env["AUTOEP_DEVICE"] == "cuda":
             torch.cuda.set_device(rank)
-        store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size + 1, is_master=False,
-                              timeout=timedelta(seconds=120))
-        store = dist.PrefixStore(store_prefix, store)
-        dist.init_process_group(env["AUTOEP_BACKEND"], store=store, rank=rank, world_size=world_size)
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group(env["AUTOEP_BACKEND"], store=store, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=1800))
         if env["AUTOEP_DEVICE"] == "cpu":
             _without_deepspeed_shm_kernel()
         send(connection, ("ok", None))

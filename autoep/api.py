@@ -25,10 +25,31 @@ def _resolve(config: AutoEPConfig | Mapping[str, Any] | None) -> AutoEPConfig:
     return as_config(config)
 
 
+# Wrappers a model may come in, and why AutoEP must see the model itself.
+_WRAPPERS = {
+    "DistributedDataParallel": "DDP averages every gradient over all ranks, expert slices included (ranks hold "
+                               "different experts): apply AutoEP to the bare model and reduce with "
+                               "autoep.reduce_gradients (or train it under autoep.initialize), without DDP",
+    "FullyShardedDataParallel": "FSDP flattens and shards the parameters AutoEP slices by expert: apply AutoEP to the "
+                                "bare model and train it under autoep.initialize (DeepSpeed ZeRO 0-3)",
+    "DataParallel": "DataParallel replicates the module per device from its own copy: apply AutoEP to the bare model",
+    "DeepSpeedEngine": "an engine already built: pass the model to autoep.initialize instead of deepspeed.initialize",
+}
+
+
+def check_not_wrapped(model: nn.Module) -> None:
+    """Refuse a model inside a data-parallel wrapper, naming the wrapper and the fix."""
+    for klass in type(model).__mro__:
+        if klass.__name__ in _WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
+            raise ValueError(f"autoep got a {type(model).__name__} wrapper around {type(model.module).__name__}: "
+                             f"{_WRAPPERS[klass.__name__]}.")
+
+
 def inspect(model: nn.Module, config: AutoEPConfig | Mapping[str, Any] | None = None
             ) -> list[MoELayerSpec] | list[ExpertsSpec]:
     """The MoE blocks (whole-block specs) or experts modules (experts-level specs) AutoEP would
     replace (nothing is changed)."""
+    check_not_wrapped(model)
     return detect(model, _resolve(config))
 
 
@@ -92,6 +113,7 @@ def apply(model: nn.Module, config: AutoEPConfig | Mapping[str, Any] | None = No
     if not config.enabled:
         logger.info("autoep: expert_parallel.enabled is false; model left unchanged")
         return model
+    check_not_wrapped(model)
     if replaced_layers(model):
         raise ValueError("autoep.apply: the model already holds AutoEPMoELayer modules (applied twice?)")
     partitioned_names = partitioned_parameters(model)

@@ -39,7 +39,7 @@ import re
 import shutil
 import socket
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Iterable, Mapping
 
 import torch
@@ -129,6 +129,15 @@ def safe_loading():
             os.environ[key] = before
 
 
+def describe_error(error: BaseException) -> str:
+    """One line for a verdict shared by every rank: an AutoEP error as it is, any other exception
+    with its type (a KeyError of a damaged record, a PermissionError of an unreadable file ...)."""
+    if isinstance(error, AutoEPCheckpointError):
+        return str(error)
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}"[:2000]
+
+
 def load_file(path: str):
     """``torch.load`` on CPU with ``weights_only=True`` and the allow-list; an error naming the
     file when it is missing or damaged, and naming the file and the global when it needs any
@@ -151,6 +160,16 @@ def load_file(path: str):
 
 
 # ---- where a checkpoint's files are --------------------------------------------------------
+
+def refuse_link(folder: str, path: str) -> None:
+    """A checkpoint file must resolve inside its folder (a symbolic link to elsewhere is refused, as a
+    tag leading out of the checkpoint folder is)."""
+    real_folder, real_path = os.path.realpath(folder), os.path.realpath(path)
+    if os.path.commonpath([real_folder, real_path]) != real_folder:
+        raise AutoEPCheckpointError(
+            f"{path} resolves to {real_path}, outside the checkpoint folder {folder} (a symbolic link): refused, "
+            "nothing was read")
+
 
 def tag_folder(base: str, tag, what: str = "tag") -> str:
     """``base/tag``, refused unless it names a folder inside ``base`` (no absolute path, no
@@ -176,8 +195,16 @@ def read_latest(base: str, name: str = "latest") -> str | None:
     path = os.path.join(base, name)
     if not os.path.isfile(path):
         return None
-    with open(path) as handle:
-        tag = handle.read().strip()
+    with open(path, "rb") as handle:
+        raw = handle.read(4097)
+    try:
+        tag = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise AutoEPCheckpointError(f"{path} is not UTF-8 text (a damaged or crafted file): it must hold a tag "
+                                    "name; refused, nothing was loaded") from None
+    if len(raw) > 4096 or any(ord(char) < 32 for char in tag):
+        raise AutoEPCheckpointError(f"{path} holds {'over 4096 bytes' if len(raw) > 4096 else 'a control character'}"
+                                    ": it must hold one tag name; refused, nothing was loaded")
     tag_folder(base, tag, f"{path} names tag")
     return tag
 
@@ -252,6 +279,11 @@ def check_files(folder: str, topology: "Topology | None", names: Iterable[str], 
     problems = []
     for index, name in enumerate(sorted(set(names))):
         path = os.path.join(folder, name)
+        try:
+            refuse_link(folder, path)
+        except AutoEPCheckpointError as error:
+            problems.append(str(error))
+            continue
         if not os.path.isfile(path):
             problems.append(f"{path} is missing (an incomplete checkpoint)")
             continue
@@ -298,6 +330,8 @@ def temporary_path(final: str) -> str:
 
 
 def _alive(pid: int) -> bool:
+    if not 0 < pid < (1 << 22):  # beyond Linux's PID_MAX_LIMIT: no process has it (os.kill would overflow)
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -361,6 +395,9 @@ class Topology:
     # relative file name -> {"size", "sha256"}: every file of the tag folder, recorded after the
     # save (None: not recorded, e.g. a record written before the files)
     files: dict[str, dict] | None = None
+    # "incomplete" from before the save's first file until every rank's files are written and
+    # checksummed, then "complete" (a record written before this field existed counts as complete)
+    state: str = "complete"
 
     def describe(self) -> str:
         counts = sorted({layer["num_experts"] for layer in self.layers.values()})
@@ -403,21 +440,93 @@ def write_topology(folder: str, topology: Topology) -> None:
                   lambda path: _write_text(path, json.dumps(asdict(topology), indent=1, sort_keys=True)))
 
 
-def read_topology(folder: str) -> Topology:
+# Bounds on what a record may claim (a crafted record must not make a tool do unbounded work): more
+# ranks than this is no AutoEP job, and no model has more MoE layers, experts or files.
+MAX_RECORD_WORLD = 1 << 16
+MAX_RECORD_ENTRIES = 1 << 20
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def _field_error(path: str, field: str, value, want: str) -> AutoEPCheckpointError:
+    from autoep.config import show
+
+    return AutoEPCheckpointError(f"{path}: field {field!r} is {show(value)}, expected {want} (a damaged or crafted "
+                                 "record: refused)")
+
+
+def _check_record(path: str, record) -> None:
+    """Every field of a topology record has the type and range AutoEP writes (one error naming the
+    field, never a KeyError or TypeError from deeper down)."""
+    if not isinstance(record, dict):
+        raise AutoEPCheckpointError(f"{path} holds a JSON {type(record).__name__}, not a topology record")
+
+    def integer(field, low, high):
+        value = record.get(field)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _field_error(path, field, value, f"an integer from {low} to {high}")
+        return value
+
+    world = integer("world_size", 1, MAX_RECORD_WORLD)
+    integer("autoep_size", 1, world)
+    integer("zero_stage", 0, 3)
+    integer("format_version", 0, 1 << 20)
+    if record.get("dtype") not in DTYPE_NAMES:
+        raise _field_error(path, "dtype", record.get("dtype"), f"one of {', '.join(DTYPE_NAMES)}")
+    if record.get("state", "complete") not in ("complete", "incomplete"):
+        raise _field_error(path, "state", record.get("state"), "'complete' or 'incomplete'")
+    layers = record.get("layers")
+    if not isinstance(layers, dict) or len(layers) > MAX_RECORD_ENTRIES or not all(
+            isinstance(entry, dict) and isinstance(entry.get("preset"), str) and isinstance(entry.get("num_experts"), int)
+            and not isinstance(entry.get("num_experts"), bool) and 1 <= entry["num_experts"] <= MAX_RECORD_ENTRIES
+            for entry in layers.values()):
+        raise _field_error(path, "layers", layers, "an object of {\"preset\": name, \"num_experts\": integer} per layer")
+    experts = record.get("experts")
+    if not isinstance(experts, dict) or len(experts) > MAX_RECORD_ENTRIES or not all(
+            isinstance(count, int) and not isinstance(count, bool) and 1 <= count <= MAX_RECORD_ENTRIES
+            for count in experts.values()):
+        raise _field_error(path, "experts", experts, "an object of expert counts per parameter")
+    layout = record.get("rank_layout")
+    if not isinstance(layout, list) or len(layout) != world or not all(
+            isinstance(entry, list) and len(entry) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                  and 0 <= v < world for v in entry)
+            for entry in layout):
+        raise _field_error(path, "rank_layout", layout, f"a list of {world} [EP rank, EDP rank] pairs")
+    files = record.get("files")
+    if files is not None and (not isinstance(files, dict) or len(files) > MAX_RECORD_ENTRIES or not all(
+            isinstance(name, str) and isinstance(entry, dict) and isinstance(entry.get("size"), int)
+            and not isinstance(entry.get("size"), bool) and entry["size"] >= 0 and isinstance(entry.get("sha256"), str)
+            and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]) for name, entry in files.items())):
+        raise _field_error(path, "files", files, "an object of {\"size\": bytes, \"sha256\": hex digest} per file")
+    unknown = sorted(set(record) - {field.name for field in fields(Topology)})
+    if unknown:
+        raise _field_error(path, unknown[0], record[unknown[0]], "no such field (a record of another format)")
+
+
+def read_topology(folder: str, allow_incomplete: bool = False) -> Topology:
+    """The folder's topology record, every field checked; an incomplete save (a job stopped while
+    saving, or re-saving into the tag) is refused unless ``allow_incomplete``."""
     path = os.path.join(folder, TOPOLOGY_FILE)
     if not os.path.isfile(path):
         raise AutoEPCheckpointError(
             f"{path} is missing: this checkpoint was not saved by an engine from autoep.initialize (or is "
             "incomplete); AutoEP cannot tell which experts each rank saved")
+    refuse_link(folder, path)
     try:
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             record = json.load(handle)
-        topology = Topology(**record)
-    except (ValueError, TypeError) as error:
+    except (ValueError, OSError) as error:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
         raise AutoEPCheckpointError(f"{path} is damaged or of an unknown format: {error}") from error
+    _check_record(path, record)
+    topology = Topology(**record)
     if topology.format_version != FORMAT_VERSION:
         raise AutoEPCheckpointError(f"{path}: format_version {topology.format_version}, this autoep reads "
                                     f"{FORMAT_VERSION}")
+    if topology.state != "complete" and not allow_incomplete:
+        raise AutoEPCheckpointError(
+            f"checkpoint {folder} is an incomplete save (its record says so from before the first file was written "
+            "until every rank's files were written and checksummed: the saving job stopped half-way, or was "
+            "re-saving into this tag): refused, nothing was loaded. Load the previous tag (`latest` names the last "
+            "complete one) and save again.")
     return topology
 
 

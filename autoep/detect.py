@@ -393,6 +393,7 @@ def detect_blocks(model: nn.Module, config: AutoEPConfig) -> list[MoELayerSpec]:
         specs.append(_check_block(
             name, module, preset, model_type, routing, num_experts, top_k, hidden, intermediate, activation,
             router_attr, experts_attr, gate_up_name, down_name, shared_attr, shared_gate_attr))
+        check_module_routing(specs[-1], module, preset, config)
     if not specs:
         where = (f"matching moe_layer_pattern {config.moe_layer_pattern!r}" if pattern else
                  f"of class {block_class} or with the preset's structure (a router {router_attr!r} with a weight "
@@ -492,6 +493,39 @@ def _shared_activation(mlp: nn.Module, preset: Preset) -> tuple[str | None, tupl
         return identify_activation(getattr(mlp, "act_fn", None)), ()
     except UnsupportedActivationError:
         return None, ()
+
+
+def check_module_routing(spec: MoELayerSpec, block: nn.Module, preset: Preset, config: AutoEPConfig) -> None:
+    """The routing the layer would compute (read from ``model.config`` through the row) against what the
+    block's own modules hold: a router or block attribute that the stock forward reads (``top_k``, the
+    expert count, ``norm_topk_prob``, ``routed_scaling_factor``, ``n_group``/``topk_group``) and that
+    disagrees with the config is refused naming both values (the stock block routes with its own
+    attribute; computing the config's routing would silently differ). A value set by an
+    ``expert_parallel`` routing override is the user's choice and is not compared."""
+    routing = spec.routing
+    wanted: dict[str, object] = {"num_experts": routing.num_experts, "n_routed_experts": routing.num_experts}
+    if config.top_k == AUTO:
+        wanted.update(top_k=routing.top_k, num_experts_per_tok=routing.top_k)
+    if isinstance(preset.routing.renormalize, str) and config.route_norm is None:
+        wanted[preset.routing.renormalize] = routing.renormalize
+    if preset.routing.scale_field and config.routed_scaling_factor == AUTO and config.route_scale == 1.0:
+        wanted[preset.routing.scale_field] = routing.scale
+    if routing.num_groups is not None and config.num_expert_groups is None:
+        wanted.update(n_group=routing.num_groups, topk_group=routing.topk_groups)
+    router = getattr(block, spec.router_attr)
+    for owner, label in ((router, spec.router_attr), (block, None)):
+        for attribute, want in wanted.items():
+            value = vars(owner).get(attribute)
+            if isinstance(value, bool) != isinstance(want, bool) or not isinstance(value, (int, float)):
+                continue
+            if float(value) != float(want):
+                where = f"MoE block {spec.name!r} ({type(block).__name__})"
+                path = f"{label}.{attribute}" if label else attribute
+                raise DetectionError(
+                    f"{where}: {path}={value!r}, but the routing read from model.config gives {attribute}={want!r}: "
+                    "the stock block routes with its own value, so the whole-block replacement would compute "
+                    f"another routing. Make model.config agree with the block (or set expert_parallel.replacement "
+                    "to 'experts', which keeps the block's own router).")
 
 
 def _check_block(name, block, preset, model_type, routing, num_experts, top_k, hidden, intermediate,

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import datetime
 import json
 import logging
 import os
@@ -55,6 +56,20 @@ from autoep.groups import ExpertParallelGroups, check_autoep_size
 logger = logging.getLogger("autoep")
 
 TESTED_DEEPSPEED = ("0.19.8",)
+AGREEMENT_TIMEOUT_ENV = "AUTOEP_AGREEMENT_TIMEOUT_S"
+
+
+def agreement_timeout_s() -> float:
+    """How long a rank waits for the others' checkpoint verdicts (AUTOEP_AGREEMENT_TIMEOUT_S, default
+    600 s: longer than any rank's checks of its share of the files' checksums should take)."""
+    value = os.environ.get(AGREEMENT_TIMEOUT_ENV, "600")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < 1e7:
+        raise AutoEPConfigError(f"{AGREEMENT_TIMEOUT_ENV}={value!r}: must be a number of seconds > 0")
+    return seconds
 
 
 class DeepSpeedVersionError(RuntimeError):
@@ -253,6 +268,11 @@ def _engine_class():
             if layers:
                 self.has_moe_layers = True
                 self.num_experts = [layer.num_experts for layer in layers]
+            if replaced_layers(self.module):
+                # Checkpoint verdicts travel on a group of their own, with a bounded wait (a rank that died
+                # cannot keep the others in the agreement for the default group's 30 minutes).
+                self._autoep_agreement_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(
+                    seconds=agreement_timeout_s()))
 
         def clip_fp32_gradients(self):
             """ZeRO stage 0 (fp32) clipping by the true global norm. DeepSpeed's version averages
@@ -304,42 +324,61 @@ def _engine_class():
             if not replaced_layers(self.module):
                 return super().save_checkpoint(save_dir, tag, client_state, save_latest, exclude_frozen_parameters)
             tag = str(tag if tag is not None else f"global_step{self.global_steps}")  # DeepSpeed's default
-            folder = checkpoint.tag_folder(save_dir, tag)
-            os.makedirs(folder, exist_ok=True)
-            # AutoEP's files first, then DeepSpeed's, then (when DeepSpeed writes synchronously)
-            # the size and SHA-256 of every file in the topology record, then `latest`: it never
-            # names a tag folder whose files are not all written and recorded.
-            ep_rank, writer = self._autoep_ep_rank()
-            if writer and self.zero_optimization_stage() < 3:
-                checkpoint.write_experts(folder, ep_rank, self.module)
+            # A transaction: the record says "incomplete" before the first file is written (replacing a
+            # complete one when re-saving into the tag) and "complete", with every file's size and SHA-256,
+            # only once every rank's files are written; `latest` is written after that. A save stopped at
+            # any point leaves a tag that every load, conversion and export refuses by name. Every step's
+            # outcome is agreed by all ranks (any exception on any rank becomes the same error everywhere).
+            folder, problems = None, []
+            try:
+                folder = checkpoint.tag_folder(save_dir, tag)
+                os.makedirs(folder, exist_ok=True)
+            except Exception as caught:
+                problems = [checkpoint.describe_error(caught)]
             topology = self._autoep_topology()  # collective
-            if dist.get_rank() == 0:
-                checkpoint.write_topology(folder, topology)
-                checkpoint.write_model_config(folder, self.module)
-            dist.barrier()
-            # A decoupled checkpoint engine writes in the background: its files cannot be hashed
-            # here, it writes `latest` itself, and the record stays without checksums.
+            if not problems and dist.get_rank() == 0:
+                problems = _attempt(lambda: checkpoint.write_topology(
+                    folder, dataclasses.replace(topology, state="incomplete")))
+            self._autoep_agree(folder or save_dir, problems, "saved")  # collective
+            ep_rank, writer = self._autoep_ep_rank()
+            problems = _attempt(lambda: (
+                checkpoint.write_experts(folder, ep_rank, self.module) if writer and self.zero_optimization_stage() < 3
+                else None, checkpoint.write_model_config(folder, self.module) if dist.get_rank() == 0 else None))
+            self._autoep_agree(folder, problems, "saved")  # collective
+            # A decoupled checkpoint engine writes in the background: its files cannot be hashed here, it
+            # writes `latest` itself, and the record is marked complete without checksums.
             decoupled = self.checkpoint_engine.is_decoupled()
-            result = super().save_checkpoint(save_dir, tag, client_state, save_latest and decoupled,
-                                             exclude_frozen_parameters)  # ends with a barrier
-            if not decoupled:
-                self._autoep_record_files(folder, topology)
-                if save_latest and dist.get_rank() == 0:
-                    checkpoint.write_latest(save_dir, tag)
+            result, problems = None, []
+            try:
+                result = super().save_checkpoint(save_dir, tag, client_state, save_latest and decoupled,
+                                                 exclude_frozen_parameters)  # ends with a barrier
+            except Exception as caught:
+                # (most failures happen writing this rank's files; DeepSpeed's save ends in a barrier the
+                # other ranks wait in: meet them there, then share the verdict)
+                problems = [checkpoint.describe_error(caught)]
                 dist.barrier()
+            self._autoep_agree(folder, problems, "saved")  # collective
+            problems = _attempt(lambda: self._autoep_record_files(folder, topology, hash_files=not decoupled))
+            self._autoep_agree(folder, problems, "saved")  # collective
+            if not decoupled and save_latest and dist.get_rank() == 0:
+                checkpoint.write_latest(save_dir, tag)
+            dist.barrier()
             return result
 
-        def _autoep_record_files(self, folder, topology) -> None:
-            """Hash every file of the saved tag folder (each rank a share) and have rank 0
-            rewrite the topology record with them (collective)."""
+        def _autoep_record_files(self, folder, topology, hash_files: bool = True) -> None:
+            """Hash every file of the saved tag folder (each rank a share) and have rank 0 rewrite the
+            topology record with them, marked complete (collective; on the agreement group)."""
             rank, world = dist.get_rank(), dist.get_world_size()
-            names = [checkpoint.folder_files(folder) if rank == 0 else None]
-            dist.broadcast_object_list(names, src=0)  # one listing, so the shares cover it exactly once
-            shares = [None] * world
-            dist.all_gather_object(shares, checkpoint.record_files(folder, names[0][rank::world]))
-            if rank == 0:
+            files = None
+            if hash_files:
+                names = [checkpoint.folder_files(folder) if rank == 0 else None]
+                dist.broadcast_object_list(names, src=0, group=self._autoep_agreement_group)  # one listing
+                shares = [None] * world
+                dist.all_gather_object(shares, checkpoint.record_files(folder, names[0][rank::world]),
+                                       group=self._autoep_agreement_group)
                 files = {name: record for share in shares for name, record in share.items()}
-                checkpoint.write_topology(folder, dataclasses.replace(topology, files=files))
+            if rank == 0:
+                checkpoint.write_topology(folder, dataclasses.replace(topology, files=files, state="complete"))
 
         def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
                             load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
@@ -350,25 +389,28 @@ def _engine_class():
                 return super().load_checkpoint(load_dir, tag, **arguments)
             if self.load_universal_checkpoint():
                 return self._autoep_load_universal(load_dir, tag, arguments)
-            if tag is None:
-                tag = checkpoint.read_latest(load_dir)  # (refused when it names a folder elsewhere)
-                if tag is None:
-                    return super().load_checkpoint(load_dir, tag, **arguments)  # DeepSpeed warns, loads nothing
-            folder = checkpoint.tag_folder(load_dir, tag)
-            # Everything AutoEP needs is read and checked before DeepSpeed loads anything (the
-            # topology, every file's presence, size and checksum, AutoEP's expert file), and
-            # every rank raises the same error if any rank found a problem: none loads alone
-            # or waits in a collective for a rank that failed.
-            current = self._autoep_topology()  # collective
-            problems, saved_experts = [], None
+            # Everything AutoEP needs is read and checked before DeepSpeed loads anything (the tag,
+            # the topology, every file's presence, size and checksum, AutoEP's expert file), and
+            # every rank raises the same error if any rank found a problem, of whatever kind: none
+            # loads alone or waits in a collective for a rank that failed.
+            folder, problems, saved_experts = None, [], None
             try:
-                saved = checkpoint.check_same_topology(folder, current)
-                problems = self._autoep_check_files(folder, saved, checkpoint.expected_files(saved))
-                if not problems and self.zero_optimization_stage() < 3:
-                    saved_experts = checkpoint.read_experts(folder, self._autoep_ep_rank()[0], self.module)
-            except checkpoint.AutoEPCheckpointError as caught:
-                problems = [str(caught)]
-            self._autoep_agree(folder, problems)  # collective
+                tag = checkpoint.read_latest(load_dir) if tag is None else tag  # (refused when it leads elsewhere)
+                folder = None if tag is None else checkpoint.tag_folder(load_dir, tag)
+            except Exception as caught:
+                problems = [checkpoint.describe_error(caught)]
+            current = self._autoep_topology()  # collective
+            if folder is not None and not problems:
+                try:
+                    saved = checkpoint.check_same_topology(folder, current)
+                    problems = self._autoep_check_files(folder, saved, checkpoint.expected_files(saved))
+                    if not problems and self.zero_optimization_stage() < 3:
+                        saved_experts = checkpoint.read_experts(folder, self._autoep_ep_rank()[0], self.module)
+                except Exception as caught:
+                    problems = [checkpoint.describe_error(caught)]
+            self._autoep_agree(folder or load_dir, problems)  # collective
+            if folder is None:
+                return super().load_checkpoint(load_dir, tag, **arguments)  # no `latest`: DeepSpeed warns, loads nothing
             with checkpoint.safe_loading():  # DeepSpeed's own torch.load calls, too
                 result = super().load_checkpoint(load_dir, tag, **arguments)
             if result[0] is not None and saved_experts is not None:
@@ -383,18 +425,29 @@ def _engine_class():
 
         def _autoep_load_universal(self, load_dir, tag, arguments):
             """DeepSpeed's Universal load, with what it needs for AutoEP layers around it."""
-            if tag is None:
-                tag = checkpoint.read_latest(load_dir, "latest_universal")
-                if tag is None:
-                    return super().load_checkpoint(load_dir, tag, **arguments)  # DeepSpeed names the missing file
-            folder = checkpoint.tag_folder(load_dir, tag)
-            current = self._autoep_topology()  # collective
+            folder, problems = None, []
             try:
-                saved = checkpoint.check_same_model(folder, current)
-                problems = self._autoep_check_files(folder, saved, [])
-            except checkpoint.AutoEPCheckpointError as caught:
-                problems = [str(caught)]
-            self._autoep_agree(folder, problems)  # collective
+                tag = checkpoint.read_latest(load_dir, "latest_universal") if tag is None else tag
+                folder = None if tag is None else checkpoint.tag_folder(load_dir, tag)
+            except Exception as caught:
+                problems = [checkpoint.describe_error(caught)]
+            current = self._autoep_topology()  # collective
+            if folder is not None and not problems:
+                try:
+                    saved = checkpoint.check_same_model(folder, current)
+                    if saved is None:
+                        raise checkpoint.AutoEPCheckpointError(
+                            f"{folder} is a Universal Checkpoint not written by `autoep to-universal` (it has no "
+                            f"{checkpoint.TOPOLOGY_FILE}: DeepSpeed's ds_to_universal, which does not know AutoEP's "
+                            "experts layout and slices them wrongly): refused, nothing was loaded. Convert the saved "
+                            "tag with `autoep to-universal --input_folder <saved tag folder> --output_folder <new tag "
+                            "folder>` and load that")
+                    problems = self._autoep_check_files(folder, saved, [])
+                except Exception as caught:
+                    problems = [checkpoint.describe_error(caught)]
+            self._autoep_agree(folder or load_dir, problems)  # collective
+            if folder is None:
+                return super().load_checkpoint(load_dir, tag, **arguments)  # DeepSpeed names the missing file
             experts = [param for _, layer in replaced_layers(self.module) for _, param in layer.expert_named_parameters()]
             untagged = [param for param in experts if not hasattr(param, "ds_zero_partition_group_name")]
             if self.zero_optimization_stage() == 3 and untagged:
@@ -430,21 +483,36 @@ def _engine_class():
             names = set(expected) | set(recorded) | set(checkpoint.folder_files(folder))
             return checkpoint.check_files(folder, saved, names, dist.get_rank(), dist.get_world_size())
 
-        def _autoep_agree(self, folder, problems: list[str]) -> None:
-            """Collective: every rank raises the same error when any rank found a problem."""
+        def _autoep_agree(self, folder, problems: list[str], what: str = "loaded, nothing was loaded") -> None:
+            """Collective, bounded: every rank raises the same error when any rank found a problem (or
+            when a rank does not arrive within AUTOEP_AGREEMENT_TIMEOUT_S: it died or hangs)."""
             gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, list(problems))
+            try:
+                dist.all_gather_object(gathered, list(problems), group=self._autoep_agreement_group)
+            except Exception as error:  # gloo's timeout, or a peer's connection closed: it died
+                raise checkpoint.AutoEPCheckpointError(
+                    f"checkpoint {folder} cannot be {what}: a rank did not reach the agreement on the verdict within "
+                    f"{agreement_timeout_s():g} s (it died or hangs; {type(error).__name__}: "
+                    f"{str(error).splitlines()[0] if str(error) else ''})") from None
             found = sorted({problem for share in gathered for problem in share})
-            if len(found) == 1:
+            if len(found) == 1 and str(folder) in found[0]:  # (an AutoEP error names the folder or a file in it)
                 raise checkpoint.AutoEPCheckpointError(found[0])
             if found:
-                raise checkpoint.AutoEPCheckpointError(f"checkpoint {folder} cannot be loaded, nothing was loaded: "
-                                                       + "; ".join(found))
+                raise checkpoint.AutoEPCheckpointError(f"checkpoint {folder} cannot be {what}: " + "; ".join(found))
 
         def _validate_zero3_moe_compatibility(self):
             check_no_native_moe_at_zero3(self.module)  # (initialize already refused it, before any change)
 
     return AutoEPEngine
+
+
+def _attempt(step) -> list[str]:
+    """Run ``step``; [] when it succeeded, else its error as a verdict to share with the other ranks."""
+    try:
+        step()
+    except Exception as caught:
+        return [checkpoint.describe_error(caught)]
+    return []
 
 
 def check_partitioned_build(model: nn.Module, stage: int) -> bool:

@@ -169,6 +169,11 @@ class AutoEPExpertsMixin:
     local_expert_ids: tuple[int, ...]
     ep_groups: ExpertParallelGroups | None
 
+    def __reduce_ex__(self, protocol):
+        from autoep.layer import rebuild_swapped
+
+        return rebuild_swapped, (type(self).__mro__[2], experts_class_for, self.__dict__)
+
     def routed_experts(self) -> nn.Module:
         return self
 

@@ -87,8 +87,8 @@ def state_from_checkpoint(folder: str) -> tuple[dict[str, torch.Tensor], dict]:
             if name not in state:
                 state[name] = value
         return state, config
-    state = dict(load_file(os.path.join(folder, model_files(topology)[0]))["module"])
-    pieces = [load_file(os.path.join(folder, expert_file(ep)))["experts"] for ep in ep_ranks]
+    state = dict(_entry(os.path.join(folder, model_files(topology)[0]), "module"))
+    pieces = [_entry(os.path.join(folder, expert_file(ep)), "experts") for ep in ep_ranks]
     for name, num_experts in topology.experts.items():
         if any(name not in piece for piece in pieces):
             raise AutoEPCheckpointError(f"{name} is missing from an expert file of {folder}")
@@ -97,6 +97,17 @@ def state_from_checkpoint(folder: str) -> tuple[dict[str, torch.Tensor], dict]:
             raise AutoEPCheckpointError(f"{name}: {state[name].shape[0]} experts in the expert files, the topology "
                                         f"record says {num_experts}")
     return state, config
+
+
+def _entry(path: str, key: str) -> dict:
+    """``load_file(path)[key]``, a mapping of names to tensors, or an error naming the file and key."""
+    payload = load_file(path)
+    value = payload.get(key) if isinstance(payload, dict) else None
+    if not isinstance(value, dict) or not all(isinstance(t, torch.Tensor) for t in value.values()):
+        raise AutoEPCheckpointError(f"{path}: expected a mapping with {key!r} holding named tensors, found a "
+                                    f"{type(payload).__name__} without it "
+                                    "(a damaged or foreign file): refused")
+    return value
 
 
 def _write(output_dir: str, state: dict[str, torch.Tensor], config) -> None:

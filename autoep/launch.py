@@ -9,11 +9,11 @@ rank::
 
 - Device and backend are chosen in one place, :func:`backend_for`: gloo on CPU, NCCL on
   CUDA (rank r uses ``cuda:r``).
-- The rendezvous is a ``TCPStore`` held by this (parent) process and bound to port 0, so
-  the OS picks a free port and no two pools can collide. The store accepts any client that
-  reaches its port, so each pool has a secret: a random key prefix, sent to its ranks over
-  their authenticated connections (never through the environment), under which the ranks
-  keep every key (a ``PrefixStore``); a stray client cannot name, read or overwrite them.
+- The rendezvous is a ``FileStore`` in a directory of its own that only this user can enter
+  (mode 0700, made by this process and removed when the pool closes); its path reaches the
+  ranks over their authenticated connections. There is no store port: no other local client
+  can list, read or overwrite the job's keys (a TCPStore serves anyone who reaches its port,
+  and lists its keys to them).
 - A rank that raises sends back its traceback; the call raises :class:`RankError` with
   every rank's outcome. When every rank came back (each raised or returned), the pool stays
   usable; when a rank had to be killed (still running after another failed), or the call
@@ -40,11 +40,12 @@ import os
 import pickle
 import secrets
 import signal
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from multiprocessing.connection import Connection, Listener, wait
 from typing import Any, Callable
 
@@ -126,15 +127,13 @@ class RankPool:
         self.device = device
         self.backend = backend_for(device)
         self.closed = False
-        self._store = dist.TCPStore(HOST, 0, world_size + 1, is_master=True, wait_for_workers=False,
-                                    timeout=timedelta(seconds=start_timeout))
-        self._store_prefix = f"autoep-{secrets.token_hex(16)}"  # the pool's secret (module docstring)
+        self._store_dir = tempfile.mkdtemp(prefix="autoep-store-")  # mode 0700 (module docstring)
+        self._store_path = os.path.join(self._store_dir, "store")
         authkey = secrets.token_bytes(16)
         self._listener = Listener((HOST, 0), authkey=authkey)
         child_env = {**os.environ, **(env or {}),
                      "AUTOEP_RANK_PARENT": f"{HOST}:{self._listener.address[1]}",
                      "AUTOEP_RANK_AUTHKEY": authkey.hex(), "AUTOEP_RANK_PARENT_PID": str(os.getpid()),
-                     "MASTER_ADDR": HOST, "MASTER_PORT": str(self._store.port),
                      "WORLD_SIZE": str(world_size), "AUTOEP_DEVICE": device, "AUTOEP_BACKEND": self.backend,
                      "AUTOEP_THREADS": str(threads_per_rank), "OMP_NUM_THREADS": str(threads_per_rank),
                      "DS_ACCELERATOR": device,
@@ -166,7 +165,7 @@ class RankPool:
                 while len(by_rank) < self.world_size:
                     connection = self._listener.accept()
                     by_rank[receive(connection)] = connection
-                    send(connection, self._store_prefix)
+                    send(connection, self._store_path)
             except BaseException as error:  # the listener was closed below, or a bad handshake
                 errors.append(error)
 
@@ -259,13 +258,18 @@ class RankPool:
             while time.monotonic() < deadline and not all(_exited(rank.process.pid) for rank in self._ranks):
                 time.sleep(0.05)
         for rank in self._ranks:
-            # The rank (if still running) and whatever it started. The rank is not reaped yet,
-            # so its pid, which is its process group's id, cannot have been reused.
+            # The rank (if still running) and whatever it started, also what left its process group
+            # (a new session): the rank is not reaped yet, so its pid, which is its process group's id,
+            # cannot have been reused, and its descendants are found through /proc.
+            for pid in descendants(rank.process.pid):
+                with _suppress_gone():
+                    os.kill(pid, signal.SIGKILL)
             _kill_process_group(rank.process.pid)
             rank.process.wait()
             if rank.connection is not None:
                 rank.connection.close()
         self._listener.close()
+        shutil.rmtree(self._store_dir, ignore_errors=True)
         for pool_key, pool in list(_SHARED.items()):
             if pool is self:
                 del _SHARED[pool_key]
@@ -283,6 +287,38 @@ def _exited(pid: int) -> bool:
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:  # already reaped
         return True
+
+
+class _suppress_gone:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        return kind is not None and issubclass(kind, (ProcessLookupError, PermissionError))
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (children, theirs ...), read from /proc (Linux); [] elsewhere."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rpartition(")")[2].split()
+            children.setdefault(int(fields[1]), []).append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    found, stack = [], list(children.get(pid, []))
+    while stack:
+        child = stack.pop()
+        found.append(child)
+        stack.extend(children.get(child, []))
+    return found
 
 
 def _kill_process_group(pgid: int) -> None:

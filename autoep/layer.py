@@ -29,10 +29,24 @@ from autoep.groups import ExpertParallelGroups
 from autoep.routing import RoutingSpec, route
 
 
+def rebuild_swapped(original: type, make_class, state: dict):
+    """Unpickle an instance whose class AutoEP made at run time (``make_class(original)``): the
+    original class is found by name, the AutoEP subclass made again, the instance's state restored."""
+    instance = original.__new__(original)
+    instance.__dict__.update(state)
+    instance.__class__ = make_class(original)
+    return instance
+
+
 class AutoEPRouterMixin:
     """Placed before the original router class in the MRO; replaces only ``forward``."""
 
     autoep_routing: RoutingSpec
+
+    def __reduce_ex__(self, protocol):
+        # The class is made at run time and cannot be found by name: pickle the original class (which
+        # can) and make the subclass again on load (an applied model pickles as the stock one does).
+        return rebuild_swapped, (type(self).__mro__[2], routing_router_class, self.__dict__)
 
     def forward(self, hidden_states: torch.Tensor):
         hidden_TH = hidden_states.reshape(-1, self.weight.shape[1])

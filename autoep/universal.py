@@ -148,12 +148,12 @@ def unshard(input_folder: str) -> Unsharded:
             pieces, param_groups, step = _unshard_zero3(shards, model_state["param_shapes"], topology)
         else:
             pieces, param_groups, step = _unshard_zero12(shards, topology)
-    except (KeyError, IndexError, TypeError, AttributeError) as error:
+        shapes = {name: shape for group in model_state["param_shapes"] for name, shape in group.items()}
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as error:
         raise AutoEPCheckpointError(
-            f"{input_folder}: its optimizer shards do not have the layout DeepSpeed 0.19.8 writes for the topology "
-            f"it records ({type(error).__name__}: {error}); was it saved by an engine from autoep.initialize?") \
-            from error
-    shapes = {name: shape for group in model_state["param_shapes"] for name, shape in group.items()}
+            f"{input_folder}: its optimizer shards ({optimizer_files[0]} ...) or model file ({models[0]}) do not have "
+            f"the layout DeepSpeed 0.19.8 writes for the topology it records ({type(error).__name__}: {error}); was it "
+            "saved by an engine from autoep.initialize?") from None
     tensors: dict[str, dict[str, torch.Tensor]] = {key: {} for key in pieces}
     for key, by_param in pieces.items():
         for name, shape in shapes.items():

@@ -217,25 +217,59 @@ def new_group_sum() -> float:
     return float(value)
 
 
-# Keys a job without the secret uses in the raw store: the default group's store is prefixed
-# "0/" by torch, the first new group's gloo rendezvous keys are "0//1//cpu//0/<rank>".
-_PLAUSIBLE_KEYS = ["payload", "0//payload", "0//1//cpu//0/0", "0//1//cpu//0/1", "0//cpu//0/0", "0//cpu//0/1"]
+def store_kind() -> str:
+    """The kind of the store this rank's default process group rendezvoused through."""
+    store = dist.distributed_c10d._get_default_store()
+    while hasattr(store, "underlying_store"):  # (torch wraps it in PrefixStores)
+        store = store.underlying_store
+    return type(store).__name__
 
 
-def test_a_stray_store_client_cannot_disturb_a_run():
-    from datetime import timedelta
+def test_the_store_is_private_to_the_pool():
+    """No store port: a FileStore in a directory only this user can enter (a TCPStore lists its keys to
+    any local client of its port, torch 2.13's list_keys), removed when the pool closes; ranks still
+    rendezvous through it for new groups."""
+    import stat
 
     with launch.RankPool(2) as pool:
-        stray = dist.TCPStore(launch.HOST, pool._store.port, is_master=False, wait_for_workers=False,
-                              timeout=timedelta(seconds=10))  # any local process can connect
+        mode = stat.S_IMODE(os.stat(pool._store_dir).st_mode)
+        assert mode == 0o700 and os.stat(pool._store_dir).st_uid == os.getuid()
+        assert pool.run(store_kind) == ["FileStore", "FileStore"]
         pool.run(store_exchange, "publish", "genuine")
-        for key in _PLAUSIBLE_KEYS:
-            stray.set(key, "planted by a stray client")
         assert pool.run(store_exchange, "read") == [None, "genuine"]
         assert pool.run(new_group_sum, timeout=60) == [3.0, 3.0]
-        for key in _PLAUSIBLE_KEYS:
-            stray.delete_key(key)
-        assert pool.run(rank_facts, 1.0)[0]["sum"] == 3.0  # the pool still works
+        folder = pool._store_dir
+    assert not os.path.exists(folder)
+
+
+def spawn_session_sleeper() -> int:
+    """A grandchild that leaves the rank's process group (a new session), as a detached worker would."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True).pid
+
+
+_SESSION_DRIVER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from autoep import launch
+    pool = launch.shared_pool(2)
+    print(" ".join(map(str, pool.pids + launch.run(2, "test_launch:spawn_session_sleeper"))), flush=True)
+    launch.run(2, "test_launch:sleep", 60)
+""")
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGKILL], ids=["term", "kill-9"])
+def test_nothing_a_rank_started_outlives_the_launcher(signal_number):
+    """The launching process killed by any signal: its ranks end, and so does what they started, also a
+    process that left their process group (the kernel's parent-death signal, and the rank adopting its
+    descendants as a child subreaper)."""
+    driver = subprocess.Popen([sys.executable, "-c", _SESSION_DRIVER.format(tests=os.path.dirname(__file__))],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    pids = [int(pid) for pid in driver.stdout.readline().split()]
+    assert len(pids) == 4 and all(_alive(pid) for pid in pids)
+    time.sleep(0.5)
+    driver.send_signal(signal_number)
+    driver.wait(timeout=30)
+    assert _wait_gone(pids) == []
 
 
 def test_a_zombie_parent_counts_as_gone():
