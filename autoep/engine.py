@@ -179,6 +179,40 @@ def validate_deepspeed_config(ds_config: Mapping, mpu=None) -> None:
         if quantized:
             _reject("zero_optimization.zero_quantized_gradients", True,
                     "AutoEP with ZeRO stage 3 does not support quantized gradients", "set it to false")
+    _validate_unverified(ds_config, zero, sequence)
+
+
+def _validate_unverified(ds_config: Mapping, zero: Mapping, sequence: int) -> None:
+    """Settings DeepSpeed would accept beside AutoEP but no conformance cell verifies (each could
+    change what a gradient or a partition is: sequence parallelism divides the data-parallel group,
+    quantized weights and offloads move the expert partitions, fp16 adds loss scaling): refused by
+    name rather than run unverified. A pipeline config with more than one stage asks for pipeline
+    parallelism, which AutoEP does not do."""
+    sequence_reason = ("AutoEP's expert gradients are reduced over the data-parallel world (sequence parallelism "
+                       "would divide it)")
+    if sequence > 1:
+        _reject("sequence_parallel_size", sequence, sequence_reason, "set it to 1")
+    for key in ("zero_quantized_weights", "zero_quantized_nontrainable_weights"):
+        if _setting(zero, f"zero_optimization.{key}", False, "bool"):
+            _reject(f"zero_optimization.{key}", True, "quantized weight partitions (ZeRO++ qwZ) are not verified with "
+                    "AutoEP's expert partitions", "set it to false")
+    for key in ("offload_optimizer", "offload_param"):
+        device = _section(zero, key).get("device", "none") if key in zero else "none"
+        if device not in ("none", None):
+            _reject(f"zero_optimization.{key}.device", device, "offloading is not verified with AutoEP's expert "
+                    "partitions (no conformance cell runs it)", "set it to \"none\" or remove the block")
+    fp16 = _setting(_section(ds_config, "fp16"), "fp16.enabled", False, "bool")
+    bf16 = _setting(_section(ds_config, "bf16"), "bf16.enabled", False, "bool")
+    if fp16:
+        _reject("fp16.enabled", True, "AutoEP is verified in float32 and bf16; fp16 (loss scaling) is not"
+                + (" (and bf16.enabled is true too)" if bf16 else ""), "use \"bf16\": {\"enabled\": true}")
+    stages = _setting(_section(ds_config, "pipeline"), "pipeline.stages", 1, "int") if "pipeline" in ds_config else 1
+    if stages > 1:
+        _reject("pipeline.stages", stages, "AutoEP does not support pipeline parallelism", "set it to 1")
+    accumulate = _section(ds_config, "data_types").get("grad_accum_dtype") if "data_types" in ds_config else None
+    if accumulate is not None and accumulate != ("bf16" if bf16 else "fp32"):
+        _reject("data_types.grad_accum_dtype", accumulate, "gradient accumulation in a dtype other than the "
+                "training dtype is not verified with AutoEP", f"remove it (or set \"{'bf16' if bf16 else 'fp32'}\")")
 
 
 @contextlib.contextmanager

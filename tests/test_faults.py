@@ -277,3 +277,58 @@ def test_an_applied_model_pickles_and_loads_back_equal(case_id):
     for copy_ in (torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(model))):
         assert [type(m).__name__ for m in copy_.modules()] == [type(m).__name__ for m in model.modules()]
         assert torch.equal(copy_(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def plain_save_load(folder: str) -> str:
+    """ZeRO-2 save and load of the model built from plain modules (its config is not a Transformers
+    config: nothing to record for export, and no rank may wait on one that failed writing it)."""
+    setup = TrainingSetup(2, 2)
+    with process_globals_restored():
+        engine = build_engine("plain_mixtral", "autoep", "float32", 0, setup)
+        train_steps(engine, global_batches(VOCAB, WORLD, setup), range(1), setup)
+        engine.save_checkpoint(folder, tag="plain")
+        fresh = build_engine("plain_mixtral", "autoep", "float32", 1, setup)
+        path, _ = fresh.load_checkpoint(folder, tag="plain")
+        return "loaded" if path is not None else "nothing loaded"
+
+
+def test_a_model_whose_config_is_not_a_transformers_config_saves_and_loads(tmp_path):
+    assert launch.run(WORLD, plain_save_load, str(tmp_path), timeout=TIMEOUT_S) == ["loaded", "loaded"]
+    assert not os.path.exists(tmp_path / "plain" / ckpt.MODEL_CONFIG_FILE)
+
+
+# ---- a fresh attack: DeepSpeed settings beside AutoEP -------------------------------------------
+
+CONFLICTS = {
+    "autotp": ({"tensor_parallel": {"autotp_size": 2}}, "tensor_parallel.autotp_size=2"),
+    "mics": ({"zero_optimization": {"stage": 2, "mics_shard_size": 2}}, "zero_optimization.mics_shard_size=2"),
+    "hpz": ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}, "zero_hpz_partition_size=2"),
+    "qwz": ({"zero_optimization": {"stage": 3, "zero_quantized_weights": True}}, "zero_quantized_weights=True"),
+    "qgz": ({"zero_optimization": {"stage": 3, "zero_quantized_gradients": True}}, "zero_quantized_gradients=True"),
+    "offload-optimizer": ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+                          "offload_optimizer.device='cpu'"),
+    "offload-param": ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}},
+                      "offload_param.device='cpu'"),
+    "pipeline": ({"pipeline": {"stages": 2}}, "pipeline.stages=2"),
+    "fp16+bf16": ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "fp16.enabled=True.*bf16.enabled is true"),
+    "fp16": ({"fp16": {"enabled": True}}, "fp16.enabled=True"),
+    "sequence-parallel": ({"sequence_parallel_size": 2}, "sequence_parallel_size=2"),
+    "grad-accum-dtype": ({"data_types": {"grad_accum_dtype": "bf16"}}, "data_types.grad_accum_dtype='bf16'"),
+    "expert-tensor-parallel": ({"expert_parallel": {"enabled": True, "expert_tensor_parallel_size": 2}},
+                               "expert_tensor_parallel_size=2"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFLICTS))
+def test_a_deepspeed_setting_autoep_cannot_run_is_refused_before_anything_changes(name):
+    from autoep.config import AutoEPConfigError
+    from conformance.model_case import ModelSnapshot
+
+    edit, message = CONFLICTS[name]
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},
+              "expert_parallel": {"enabled": True, "autoep_size": 1}, **edit}
+    model = CASES_BY_ID["mixtral"].build()
+    snapshot = ModelSnapshot.of(model)
+    with pytest.raises(AutoEPConfigError, match=message):
+        autoep.initialize(model=model, config=config)
+    assert snapshot.unchanged(model)
