@@ -228,7 +228,7 @@ def label(record: dict, cell, subject) -> dict:
     """Updates for a finished cell record of a peer subject: a failure gets its finding id (or
     ``finding: None``, "fail (unclassified)"); a cell with a semantic difference is judged again
     without it (aux coefficient 0) and labelled. Records of ``autoep`` are left as they are."""
-    if subject.name == "autoep" or record.get("status") != "fail":
+    if not getattr(subject, "is_peer", False) or record.get("status") != "fail":
         return {}
     semantic = FINDINGS_BY_ID["DS-5"]
     finding = classify(record)

@@ -12,10 +12,12 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 SYMBOLS = {"pass": "pass", "fail": "**FAIL**", "rejected_as_expected": "rejected (expected)",
-           "not_applicable": "n/a", "not_implemented": "not implemented yet", "skipped": "skipped"}
+           "not_applicable": "n/a", "not_implemented": "not implemented yet", "skipped": "skipped",
+           "unclassified": "unclassified (no case)"}
 # Heat-map colours (colour-blind safe where it matters: pass blue-green, fail vermillion).
 COLOURS = {"pass": "#009E73", "fail": "#D55E00", "finding": "#E69F00", "rejected_as_expected": "#56B4E9",
-           "not_applicable": "#DDDDDD", "skipped": "#BBBBBB", "not_implemented": "#F0E442", "not run": "#FFFFFF"}
+           "not_applicable": "#DDDDDD", "skipped": "#BBBBBB", "not_implemented": "#F0E442", "not run": "#FFFFFF",
+           "unclassified": "#CC79A7"}
 
 
 def _commit() -> str:
@@ -41,7 +43,11 @@ def device_description(device: str) -> str:
 def write_part(path: Path, records: list[dict], profile: str, seconds: float, device: str = "cpu") -> None:
     """One version x subject: its records and when, where (``device``) and how long it ran."""
     first = records[0] if records else {}
-    meta = {"profile": profile, "transformers": first.get("transformers"), "subject": first.get("subject"),
+    from matrix.cells import in_matrix
+
+    version = first.get("transformers")
+    meta = {"profile": profile, "transformers": version, "in_matrix": version is None or in_matrix(version),
+            "subject": first.get("subject"),
             "device": device_description(device),
             "cells": len(records), "seconds": round(seconds, 1), "commit": _commit(),
             "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -58,9 +64,16 @@ def load(parts_dir: Path) -> tuple[list[dict], list[dict]]:
     return runs, records
 
 
+def is_peer(record: dict) -> bool:
+    """Whether a record's subject is a peer (its failures are findings) rather than the subject under
+    test (autoep, or an outside implementation named --subject module:attribute). Records written
+    before the field existed: every subject but autoep was a peer."""
+    return bool(record.get("peer", record["subject"] != "autoep"))
+
+
 def outcome(record: dict) -> str:
     """A record's outcome for the heat-map and JUnit: a peer's failure is a finding."""
-    if record["status"] == "fail" and record["subject"] != "autoep":
+    if record["status"] == "fail" and is_peer(record):
         return "finding"
     return record["status"]
 
@@ -68,7 +81,7 @@ def outcome(record: dict) -> str:
 def _cell_text(record: dict) -> str:
     """The outcome, and for a pass the largest difference from the reference."""
     text = SYMBOLS.get(record["status"], record["status"])
-    if record["status"] == "fail" and record["subject"] != "autoep":
+    if record["status"] == "fail" and is_peer(record):
         text = f"fail ({record.get('finding') or 'unclassified'})"
     diffs = record.get("max_abs_diff", {})
     diff = diffs.get("subject~reference", diffs.get("subject~original"))
@@ -99,7 +112,8 @@ def markdown(records: list[dict], runs: list[dict] | None = None, profile: str |
         lines += ["| Transformers | subject | device | cells | seconds | commit | finished (UTC) |",
                   "|---|---|---|---|---|---|---|"]
         for run in runs:
-            lines.append(f"| {run.get('transformers')} | {run.get('subject')} | {run.get('device', 'cpu')} | "
+            label = "" if run.get("in_matrix", True) else " (not in the matrix)"
+            lines.append(f"| {run.get('transformers')}{label} | {run.get('subject')} | {run.get('device', 'cpu')} | "
                          f"{run.get('cells')} | "
                          f"{run.get('seconds')} | {run.get('commit')} | {run.get('finished_at')} |")
         lines.append("")
@@ -107,8 +121,9 @@ def markdown(records: list[dict], runs: list[dict] | None = None, profile: str |
     for record in records:
         by_status = counts.setdefault(record["subject"], {})
         by_status[record["status"]] = by_status.get(record["status"], 0) + 1
+    peers = {record["subject"] for record in records if is_peer(record)}
     for subject, by_status in counts.items():
-        role = "" if subject == "autoep" else " (a peer: its failures are findings)"
+        role = " (a peer: its failures are findings)" if subject in peers else ""
         lines.append(f"Totals, subject {subject}{role}: "
                      + ", ".join(f"{SYMBOLS.get(k, k)}: {v}" for k, v in sorted(by_status.items())) + "  ")
     lines.append("")
@@ -187,7 +202,7 @@ def junit(records: list[dict], profile: str | None = None) -> str:
             case = ElementTree.SubElement(suite, "testcase", classname=f"{subject}.tf{version}", name=r["cell"],
                                           time=f"{r.get('seconds', 0):.3f}")
             if r["status"] == "fail":
-                kind = (r.get("finding") or "unclassified") if subject != "autoep" else "mismatch"
+                kind = (r.get("finding") or "unclassified") if is_peer(r) else "mismatch"
                 failure = ElementTree.SubElement(case, "failure", type=kind,
                                                  message=(r.get("detail", "") or "")[:500])
                 failure.text = "\n".join([r.get("detail", "")] + r.get("findings", []))

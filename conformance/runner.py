@@ -12,7 +12,7 @@ import torch
 from conformance import findings
 from conformance.equivalence import block_equivalence, model_equivalence
 from conformance.models import CASES_BY_ID, ModelSnapshot
-from conformance.subjects import SUBJECTS
+from conformance.subjects import missing_method_reason, subject_by_name
 from conformance.tolerances import set_cuda_numerics
 from matrix.cells import Cell, expected, profile_matrix, relative_cost
 from matrix.profiles import DEFAULT_PROFILE
@@ -47,9 +47,10 @@ def run_cell(cell: Cell, subject_name: str = "autoep", device: str = "cpu") -> d
     NCCL) against the CPU reference, and records a cell that does not fit the visible GPUs as
     skipped, with the reason."""
     expectation = expected(cell)
-    subject = SUBJECTS[subject_name]
+    subject = subject_by_name(subject_name)
     record = {"cell": cell.id, **cell.to_json(), "subject": subject_name, "expected": expectation.outcome,
-              "reason": expectation.reason, "findings": [], "device": device}
+              "reason": expectation.reason, "findings": [], "device": device,
+              "peer": bool(getattr(subject, "is_peer", False))}
     started = time.perf_counter()
     if expectation.outcome in ("not_applicable", "not_implemented"):
         record["status"] = expectation.outcome
@@ -59,7 +60,9 @@ def run_cell(cell: Cell, subject_name: str = "autoep", device: str = "cpu") -> d
                                                       f"deepspeed.initialize)")
     elif (why := getattr(subject, "not_applicable_reason", lambda cell: None)(cell)) is not None:
         record.update(status="not_applicable", reason=why)
-    elif (why := subject.unavailable_reason(cell)) is not None:
+    elif (why := missing_method_reason(subject, cell)) is not None:
+        record.update(status="not_applicable", reason=why)
+    elif (why := _unavailable(subject, cell)) is not None:
         record.update(status="skipped", reason=why)
     elif (why := device_unfit_reason(cell, device)) is not None:
         record.update(status="skipped", reason=why)
@@ -75,6 +78,12 @@ def run_cell(cell: Cell, subject_name: str = "autoep", device: str = "cpu") -> d
     record.update(findings.label(record, cell, subject))  # a peer's failure gets its finding id
     record["seconds"] = round(time.perf_counter() - started, 3)
     return record
+
+
+def _unavailable(subject, cell) -> str | None:
+    """The subject's ``unavailable_reason(cell)``; a subject without one can run every cell."""
+    check = getattr(subject, "unavailable_reason", None)
+    return None if check is None else check(cell)
 
 
 def _run_rejection(cell: Cell, subject, error_name: str, device: str = "cpu") -> dict:
@@ -193,20 +202,45 @@ def run_matrix(transformers: str, subject_name: str = "autoep", case_filter: str
     """Every cell of ``profile`` on ``transformers`` for the subject (those whose case id contains
     ``case_filter``), then the subject's labelled rejection cell. ``progress`` (default: stdout)
     gets one line per finished cell. ``device``: see :func:`run_cell`."""
-    subject = SUBJECTS[subject_name]
+    subject = subject_by_name(subject_name)
     cells = [cell for cell in profile_matrix(transformers, profile, peer=getattr(subject, "is_peer", False))
              if not case_filter or case_filter in cell.case]
     meter = Progress(cells, f"{subject_name} tf{transformers} {profile}", progress or sys.stdout,
-                     cost=lambda cell: 0.0 if subject.unavailable_reason(cell) is not None
+                     cost=lambda cell: 0.0 if _unavailable(subject, cell) is not None
                      or device_unfit_reason(cell, device) is not None else relative_cost(cell))
     records = []
     for cell in cells:
         records.append(run_cell(cell, subject_name, device))
         meter.finished(cell, records[-1])
     records += findings.rejection_records(transformers, subject_name, case_filter)  # a peer's labelled rejection
+    if not getattr(subject, "is_peer", False) and not case_filter:
+        records += uncovered_family_records(transformers, subject_name)
     for record in records:
         record["profile"] = profile
         record.setdefault("device", "cpu")  # a peer's labelled rejection cell runs on the CPU (gloo)
+    return records
+
+
+def uncovered_family_records(transformers: str, subject_name: str) -> list[dict]:
+    """A cell for every MoE family of the installed Transformers that no conformance case covers (a
+    family a newer release adds): "unclassified", with the family's verdict, never silently absent."""
+    from autoep.presets.survey import installed_families
+    from conformance.experts_cases import NOT_RUN
+    from conformance.models import ALL_CASES
+
+    covered = {case.model_type for case in ALL_CASES} | {case.preset for case in ALL_CASES} | set(NOT_RUN)
+    records = []
+    for family in installed_families():
+        if set(family.model_types) & covered or (family.refusal is not None and family.refusal.hard):
+            continue  # (a family the table refuses in every mode has its verdict and reason already)
+        verdict = f"{family.status}, mode {family.mode}" + (f": {family.reason}" if family.reason else "")
+        records.append({
+            "cell": f"tf{transformers}/{family.folder}/unclassified", "transformers": transformers,
+            "case": family.folder, "zero_stage": "none", "world_size": 1, "autoep_size": 1, "dtype": "float32",
+            "resume": None, "interop": None, "build": None, "subject": subject_name, "peer": False,
+            "expected": "unclassified", "status": "unclassified", "findings": [], "device": "cpu", "seconds": 0.0,
+            "reason": f"the installed Transformers has the MoE family {family.folder} ({', '.join(family.model_types)}; "
+                      f"{verdict}) and no conformance case covers it: add one to conformance/experts_cases.py"})
     return records
 
 

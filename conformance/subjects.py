@@ -243,20 +243,67 @@ SUBJECTS: dict[str, Subject] = {"autoep": AutoEPSubject(), "deepspeed": DeepSpee
                                 "torchtitan": TorchTitanSubject()}
 
 
-def unknown_subject_message(name: str) -> str:
-    """One line for ``--subject NAME`` that is not registered here."""
-    return f"conformance: unknown subject {name!r}; registered here: {', '.join(sorted(SUBJECTS))}"
+def unknown_subject_message(name: str, why: str = "") -> str:
+    """One line for ``--subject NAME`` that names no subject."""
+    return (f"conformance: unknown subject {name!r}{': ' + why if why else ''}; registered here: "
+            f"{', '.join(sorted(SUBJECTS))}, or 'package.module:attribute' naming a subject object (the Subject "
+            "protocol: conformance/SUBJECTS.md)")
+
+
+class UnknownSubject(LookupError):
+    """``--subject`` names neither a registered subject nor an importable ``module:attribute``."""
 
 
 def subject_by_name(name: str) -> Subject:
-    """A registered subject, or ``"module:attribute"`` naming a subject object (how a rank
-    process finds a subject defined outside this module, e.g. a deliberately broken one in a
-    test)."""
+    """A registered subject, or ``"module:attribute"`` naming a subject object defined anywhere
+    importable: your own implementation under test (conformance/SUBJECTS.md), or a deliberately
+    broken one of the mutant bank. Rank processes find a subject by the same name."""
     if name in SUBJECTS:
         return SUBJECTS[name]
     if ":" in name:
         import importlib
 
         module, _, attribute = name.partition(":")
-        return getattr(importlib.import_module(module), attribute)
-    raise KeyError(f"unknown subject {name!r}; registered: {sorted(SUBJECTS)}")
+        try:
+            target = importlib.import_module(module)
+            for part in attribute.split("."):
+                target = getattr(target, part)
+        except (ImportError, AttributeError) as error:
+            raise UnknownSubject(unknown_subject_message(name, f"{type(error).__name__}: {error}")) from None
+        if isinstance(target, type):  # a class: its instance (the protocol's methods are instance methods)
+            target = target()
+        if not isinstance(getattr(target, "name", None), str):
+            target.name = name  # how rank processes find it again
+        return target
+    raise UnknownSubject(unknown_subject_message(name))
+
+
+# The methods the Subject protocol names, and the cells that call each (conformance/SUBJECTS.md).
+PROTOCOL = {
+    "apply": "one-process, plain-PyTorch expert-parallel, interop and rejection cells",
+    "expert_shards": "plain-PyTorch expert-parallel cells and ZeRO cells (which experts a rank holds)",
+    "initialize": "ZeRO cells (DeepSpeed engines) and checkpoint cells",
+    "full_parameters": "ZeRO cells and checkpoint cells (parameters after the steps)",
+    "to_universal": "checkpoint cells (Universal conversion, resume on another topology)",
+    "unavailable_reason": "every cell (None: the subject can run here)",
+}
+
+
+def methods_for(cell) -> tuple[str, ...]:
+    """The protocol methods a cell calls on its subject."""
+    if cell.interop is not None:
+        return ("apply",)
+    if cell.resume is not None:
+        return ("initialize", "full_parameters", "expert_shards", "to_universal")
+    if cell.zero_stage != "none":
+        return ("initialize", "full_parameters", "expert_shards")
+    return ("apply",) if cell.world_size == 1 else ("apply", "expert_shards")
+
+
+def missing_method_reason(subject, cell) -> str | None:
+    """Why a cell is not applicable to a subject that lacks a method it calls (never a crash)."""
+    missing = [name for name in methods_for(cell) if not callable(getattr(subject, name, None))]
+    if not missing:
+        return None
+    return (f"the subject has no {', '.join(f'{name}()' for name in missing)}, which this cell calls "
+            f"({PROTOCOL[missing[0]]}; conformance/SUBJECTS.md)")

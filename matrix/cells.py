@@ -11,6 +11,8 @@ capability that a later issue adds; listed, never silently absent).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import asdict, dataclass
 
 from packaging.version import Version
@@ -410,8 +412,48 @@ def in_profile(cell: Cell, profile: str, peer: bool = False) -> bool:
 
 
 def profile_matrix(transformers: str, profile: str, peer: bool = False) -> list[Cell]:
-    """The cells ``profile`` runs on ``transformers`` (for a peer if ``peer``), in matrix order."""
+    """The cells ``profile`` runs on ``transformers`` (for a peer if ``peer``), in matrix order. A
+    Transformers version the matrix does not list (:func:`in_matrix`) runs too: :func:`unlisted_matrix`."""
+    if not in_matrix(transformers):
+        return unlisted_matrix(transformers, profile, peer)
     return [cell for cell in default_matrix(transformers) if in_profile(cell, profile, peer)]
+
+
+def in_matrix(transformers: str) -> bool:
+    return transformers in TRANSFORMERS_VERSIONS
+
+
+@functools.lru_cache(maxsize=None)
+def case_available(case_id: str) -> bool:
+    """Whether the installed Transformers has the classes a case builds (its config and model class)."""
+    from conformance.model_case import _load
+
+    case = CASES_BY_ID[case_id]
+    try:
+        _load(case.config_class), _load(case.causal_lm_class)
+    except (ImportError, AttributeError):
+        return False
+    return True
+
+
+def unlisted_matrix(transformers: str, profile: str, peer: bool = False) -> list[Cell]:
+    """The cells of ``profile`` on a Transformers the matrix does not list: a 5.x runs the cells the
+    profile gives the newest pinned version, for every case whose classes the installed build has (a
+    newer build: all of them; an older one: the families it has), each expected as the family table's
+    version bounds say (:func:`expected` reads the case's first version); the experts-level cases from
+    the first version their tiny configs were verified on. A 4.x runs the last 4.x's cells."""
+    version = Version(transformers)
+    listed = profiles.LAST_4X if version.major < 5 else DEFAULT_TRANSFORMERS
+    chosen = []
+    for cell in default_matrix(listed):
+        if not in_profile(cell, profile, peer) or not case_available(cell.case):
+            continue
+        case = CASES_BY_ID[cell.case]
+        if (cell.case in EXPERTS_LEVEL_CASE_IDS or cell.case in PLAIN_CASE_IDS) and \
+                version < Version(case.min_transformers):
+            continue
+        chosen.append(dataclasses.replace(cell, transformers=transformers))
+    return chosen
 
 
 def relative_cost(cell: Cell) -> float:
