@@ -26,7 +26,7 @@ def test_rank_processes_find_a_mutant_by_name():
     from conformance.subjects import subject_by_name
 
     assert subject_by_name("mutants.bank:padding_rows_leak") is BY_ID["padding_rows_leak"]
-    with pytest.raises(AttributeError, match="no mutant"):
+    with pytest.raises(LookupError, match="no mutant 'no_such_mutant'"):  # (conformance.subjects.UnknownSubject)
         subject_by_name("mutants.bank:no_such_mutant")
 
 
