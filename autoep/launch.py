@@ -121,7 +121,6 @@ class RankPool:
                  env: dict[str, str] | None = None, start_timeout: float = START_TIMEOUT_S):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
-        import torch.distributed as dist
 
         self.world_size = world_size
         self.device = device

@@ -350,7 +350,7 @@ def conformance_cells(all_cases: bool, quick: bool) -> list:
     preset (the case named like the preset, else its first), or every case; both dtypes."""
     import transformers
 
-    from conformance.models import CASES_BY_ID
+    from matrix.models import CASES_BY_ID
     from matrix.cells import cells
 
     chosen = [cell for cell in cells() if cell.transformers == transformers.__version__ and cell.zero_stage == "none"

@@ -18,7 +18,6 @@ Exit status: 1 if any cell of a subject under test (not a peer: autoep, or an ou
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time

@@ -14,8 +14,13 @@ import io
 
 import torch
 
-from conformance.models import CASES_BY_ID
-from conformance.training import TrainingSetup, build_engine, on_cpu, process_globals_restored, train_steps
+from autoep import launch
+from conformance.ranks import rank_device
+from conformance.subjects import subject_by_name
+from conformance.tolerances import compare, tolerance
+from conformance.training import (TrainingSetup, assemble, build_engine, global_batches, on_cpu, process_globals_restored,
+                                  reference_training, train_on_rank, train_steps)
+from matrix.models import CASES_BY_ID
 
 LOAD_MODES = {
     "full": {},
@@ -108,10 +113,6 @@ def resume_elsewhere(case_id: str, zero_stage: int, source: tuple[int, int], tar
     deepspeed.zero.Init (ZeRO-3)."""
     import os
 
-    from autoep import launch
-    from conformance.subjects import subject_by_name
-    from conformance.tolerances import compare, tolerance
-    from conformance.training import assemble, global_batches, reference_training, train_on_rank
 
     micro_batches = 4
     total = steps_before + steps_after
@@ -156,8 +157,6 @@ def reload_on_rank(case_id: str, subject_name: str, setup: TrainingSetup, folder
     parameters as :func:`conformance.training.train_on_rank` does."""
     import os
 
-    from conformance.parallel import rank_device
-    from conformance.subjects import subject_by_name
 
     subject = subject_by_name(subject_name)
     rank_device()  # on CUDA: the math settings the tolerances assume
@@ -173,7 +172,6 @@ def reload_on_rank(case_id: str, subject_name: str, setup: TrainingSetup, folder
 
 def reload_checks(reloaded: dict, saved: dict) -> list:
     """The weights a same-topology regular load restores equal the saved ones, bit for bit."""
-    from conformance.tolerances import compare, tolerance
 
     tol = tolerance(torch.float32, "checkpoint")
     return [compare(f"regular reload: param {name}", reloaded[name], value, tol) for name, value in saved.items()]

@@ -13,19 +13,13 @@ import autoep
 from autoep.experts_level import AutoEPExpertsMixin, ExpertsSpec
 from autoep.interface import is_interface_module
 from autoep.routing import router_logits
-from conformance.models import ModelCase
+from matrix.models import ModelCase
+from conformance.parallel import run_subject_on_ranks
+from conformance.runs import RunOutput, farther_run, run_model
 from conformance.subjects import Subject
 from conformance.tolerances import Comparison, Tolerance, compare, set_cuda_numerics, tolerance
 from reference.model import BlockLayout, ExpertsModuleLayout, ReferenceExperts, ReferenceModel, block_weights
 from reference.moe import decision_margin, reference_block
-
-
-@dataclass
-class RunOutput:
-    logits: torch.Tensor
-    loss: torch.Tensor
-    aux_loss: torch.Tensor | None
-    grads: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -259,59 +253,6 @@ def tie_free_batch(models: list[torch.nn.Module], vocab: int, dtype_name: str, s
                          f"{NEAR_TIE[dtype_name]} for {dtype_name}); use a larger model or another seed")
 
 
-def _run(model, input_ids, reference: bool = False, micro_batches: int = 1) -> RunOutput:
-    """Forward and backward of the data-parallel objective: the mean over ``micro_batches``
-    equal slices of the batch of each slice's loss (for the cross-entropy this is the
-    global-batch mean; the aux loss is a statistic of each micro-batch, as under any data-
-    parallel engine, so ``aux_loss`` holds one value per micro-batch).
-
-    Gradients are taken per micro-batch and averaged in float32 (or wider), then cast to the
-    parameter dtype: the arithmetic of :func:`conformance.parallel.reduce_like_an_engine`,
-    so a bf16 single-process baseline rounds like the multi-process subject it bounds."""
-    named = list(model.model.named_parameters() if reference else model.named_parameters())
-    input_ids = input_ids.to(named[0][1].device)  # results come back on the CPU, wherever the model ran
-    sums: dict[str, torch.Tensor] = {}
-    logits, losses, auxes = [], [], []
-    for micro_ids in input_ids.chunk(micro_batches):
-        model.zero_grad(set_to_none=True)
-        if reference:
-            micro_logits, loss, aux = model(input_ids=micro_ids, labels=micro_ids)
-        else:
-            out = model(input_ids=micro_ids, labels=micro_ids)
-            micro_logits, loss, aux = out.logits, out.loss, getattr(out, "aux_loss", None)
-        loss.backward()
-        for name, param in named:
-            if param.grad is not None:
-                grad = param.grad.detach().to(torch.promote_types(param.grad.dtype, torch.float32))
-                sums[name] = grad.clone() if name not in sums else sums[name] + grad
-        logits.append(micro_logits.detach())
-        losses.append(loss.detach())
-        auxes.append(None if aux is None else aux.detach().reshape(1))
-    dtypes = {name: param.dtype for name, param in named}
-    grads = {name: (total / micro_batches).to(dtypes[name]).cpu() for name, total in sums.items()}
-    # A subject that renames parameters (TorchTitan) carries the mapping back to the Transformers names.
-    if (rename := getattr(model, "conformance_transformers_names", None)) is not None:
-        grads = rename(grads)
-    aux_loss = None if auxes[0] is None else torch.cat(auxes).cpu()
-    return RunOutput(torch.cat(logits).cpu(), torch.stack(losses).mean().cpu(), aux_loss, grads)
-
-
-def farther_run(runs: list[RunOutput], expected: RunOutput) -> RunOutput:
-    """Per tensor, the value of whichever run lies farther from ``expected`` (relative L2): the
-    baseline of a bf16 comparison when several legitimate bf16 implementations were run."""
-    def pick(values: list[torch.Tensor | None], want: torch.Tensor | None) -> torch.Tensor | None:
-        present = [v for v in values if v is not None]
-        if want is None or not present:
-            return present[0] if present else None
-        return max(present, key=lambda v: float((v.double() - want.double()).norm()) if v.shape == want.shape
-                   else float("inf"))
-
-    grads = {name: pick([run.grads.get(name) for run in runs], want) for name, want in expected.grads.items()}
-    return RunOutput(pick([r.logits for r in runs], expected.logits), pick([r.loss for r in runs], expected.loss),
-                     pick([r.aux_loss for r in runs], expected.aux_loss),
-                     {name: value for name, value in grads.items() if value is not None})
-
-
 def _compare_runs(a: RunOutput, b: RunOutput, tol: Tolerance, with_aux: bool,
                   baseline: RunOutput | None = None) -> list[Comparison]:
     """Compare run ``a`` with ``b`` (the expected one); ``baseline`` is another run against
@@ -393,15 +334,13 @@ def model_equivalence(case: ModelCase, subject: Subject, dtype: torch.dtype = to
             "this Transformers version records softmax probabilities in the router_logits slot, so its aux "
             "loss applies softmax twice; AutoEP reproduces it (RoutingSpec.recorded_output='probabilities')")
     if world_size is None:
-        subject_run = _run(replaced, input_ids)
+        subject_run = run_model(replaced, input_ids)
     else:
-        from conformance.parallel import run_subject_on_ranks
-
         subject_run = run_subject_on_ranks(case, subject, dtype, seed, dict(block or {}), input_ids, world_size,
                                            autoep_size, device)
-    reference_run = _run(reference, input_ids, reference=True, micro_batches=micro_batches)
+    reference_run = run_model(reference, input_ids, reference=True, micro_batches=micro_batches)
     try:
-        original_run = _run(original, input_ids, micro_batches=micro_batches)
+        original_run = run_model(original, input_ids, micro_batches=micro_batches)
     except Exception as error:  # a Transformers version whose own block cannot run this routing
         result.findings.append(f"original Transformers model raised {type(error).__name__}: {error}")
         original_run = None
@@ -411,7 +350,7 @@ def model_equivalence(case: ModelCase, subject: Subject, dtype: torch.dtype = to
         # rounded, the k slots summed in bf16) and the reference math run at the model's precision
         # (MoE blocks in float64, rounded once, as AutoEP's float32 combine does). Each tensor's
         # baseline is whichever of the two lies farther from the oracle (see tolerances).
-        at_model_precision = _run(ReferenceModel(original, layouts(specs), compute_dtype=torch.float64,
+        at_model_precision = run_model(ReferenceModel(original, layouts(specs), compute_dtype=torch.float64,
                                                  with_aux_loss=case.has_aux_loss), input_ids, reference=True,
                                   micro_batches=micro_batches)
         baseline = farther_run([at_model_precision] + ([original_run] if original_run is not None else []),

@@ -51,14 +51,14 @@ def _version(record: dict) -> Version:
 
 
 def _case_kwargs(record: dict) -> dict:
-    from conformance.models import CASES_BY_ID
+    from matrix.models import CASES_BY_ID
 
     case = CASES_BY_ID.get(record["case"])
     return case.kwargs if case is not None else {}
 
 
 def _has_aux_loss(record: dict) -> bool:
-    from conformance.models import CASES_BY_ID
+    from matrix.models import CASES_BY_ID
 
     case = CASES_BY_ID.get(record["case"])
     return case is not None and case.has_aux_loss
@@ -254,13 +254,13 @@ def _judged_without_aux_loss(record: dict, cell, subject, finding: Finding) -> d
     run's differences are the semantic difference's measurement."""
     import torch
 
-    from conformance.models import CASES_BY_ID
-    from conformance.runner import _checks_record
+    from matrix.models import CASES_BY_ID
+    from conformance.tolerances import checks_record
     from conformance.training import TrainingSetup, compare_training
 
     setup = TrainingSetup(int(cell.zero_stage), cell.autoep_size, aux_loss_coef=0.0)
     try:
-        judged = _checks_record(compare_training(CASES_BY_ID[cell.case], subject, torch.float32, setup,
+        judged = checks_record(compare_training(CASES_BY_ID[cell.case], subject, torch.float32, setup,
                                                  cell.world_size))
     except Exception:
         judged = {"status": "fail", "detail": traceback.format_exc()[-1500:]}

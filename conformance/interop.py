@@ -31,11 +31,13 @@ import torch
 from torch import nn
 
 import autoep
-from conformance.equivalence import (MarginsOnly, RunOutput, _compare_runs, _run, away_from_ties, batch,
+from conformance.equivalence import (MarginsOnly, _compare_runs, away_from_ties, batch,
                                      experts_level, layouts, tie_free_batch)
-from conformance.models import ModelCase
+from conformance.runs import RunOutput, run_model
 from conformance.tolerances import ARGMAX_NEAR_TIE, Comparison, compare, tolerance
+from conformance.training import ADAMW
 from matrix.cells import INTEROP_FAMILIES
+from matrix.models import ModelCase
 from reference.model import ReferenceModel
 
 FAMILIES = INTEROP_FAMILIES  # the matrix's axis: compile, param_order, generate, grad_checkpointing, hf_roundtrip
@@ -116,7 +118,7 @@ def _strip_compiled(run: RunOutput) -> RunOutput:
 def _timed_compile_run(model: nn.Module, input_ids: torch.Tensor, fullgraph: bool) -> tuple[RunOutput, float]:
     torch._dynamo.reset()
     started = time.perf_counter()
-    run = _run(torch.compile(model, backend="aot_eager", fullgraph=fullgraph), input_ids)
+    run = run_model(torch.compile(model, backend="aot_eager", fullgraph=fullgraph), input_ids)
     return _strip_compiled(run), time.perf_counter() - started
 
 
@@ -129,7 +131,7 @@ def check_compile(case: ModelCase, subject, dtype: torch.dtype, seed: int, resul
                                                             _dtype_name(dtype), seed + 7)
     # Eager runs first: Transformers installs its output-capturing hooks on the first call
     # (under a lock dynamo cannot trace), as any user's warm-up step would.
-    stock_plain, applied_plain = _run(stock, input_ids), _run(applied, input_ids)
+    stock_plain, applied_plain = run_model(stock, input_ids), run_model(applied, input_ids)
     # fullgraph where the stock model compiles fullgraph. The stock model is compiled in the
     # float32 cell (its compile seconds and the compiled-vs-compiled comparison); in bf16 only
     # when the subject does not compile fullgraph, to tell whose failure that is (each compile
@@ -210,8 +212,6 @@ def _adamw_step(model: nn.Module, optimizer: torch.optim.Optimizer, input_ids: t
 
 
 def check_param_order(case: ModelCase, subject, dtype: torch.dtype, seed: int, result: InteropResult) -> None:
-    from conformance.training import ADAMW
-
     stock, applied = stock_and_subject(case, subject, dtype, seed)
     for what, listing in (("parameter names", lambda m: [n for n, _ in m.named_parameters()]),
                           ("buffer names", lambda m: [n for n, _ in m.named_buffers()]),
@@ -338,12 +338,12 @@ def check_grad_checkpointing(case: ModelCase, subject, dtype: torch.dtype, seed:
                                                             _dtype_name(dtype), seed + 7)
     blocks = [spec.name for spec in autoep.inspect(stock, case.block())]
     stock.train(), applied.train()  # Transformers checkpoints only in training mode (no dropout here)
-    applied_plain = _run(applied, input_ids)
+    applied_plain = run_model(applied, input_ids)
     for model in (stock, applied):  # the newer name where this Transformers has it
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     counter, hooks = _count_calls(applied, blocks)
     try:
-        stock_ckpt, applied_ckpt = _run(stock, input_ids), _run(applied, input_ids)
+        stock_ckpt, applied_ckpt = run_model(stock, input_ids), run_model(applied, input_ids)
     finally:
         for hook in hooks:
             hook.remove()

@@ -15,42 +15,28 @@ the gradient of the global-batch mean loss, whatever ``autoep_size`` is.
 
 from __future__ import annotations
 
-import os
 
 import torch
 
+import torch.distributed as dist
+
 from autoep import launch
-from conformance.models import CASES_BY_ID, ModelCase
-
-
-def rank_device() -> torch.device:
-    """This rank process's device: ``cuda:r`` in a CUDA pool (the launcher made it current and set
-    AUTOEP_DEVICE), with the CUDA math settings the tolerances assume; else the CPU."""
-    if os.environ.get("AUTOEP_DEVICE") == "cuda":
-        from conformance.tolerances import set_cuda_numerics
-
-        set_cuda_numerics()
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+from conformance.ranks import process_groups_released, rank_device
+from conformance.runs import RunOutput, run_model
+from conformance.subjects import subject_by_name
+from matrix.models import CASES_BY_ID, ModelCase
 
 
 def subject_step_on_rank(case_id: str, subject_name: str, dtype_name: str, seed: int, block: dict,
                          input_ids: torch.Tensor) -> dict:
     """Rank side: build the case's model, let the subject parallelise it, run this rank's
     micro-batch forward and backward; return the local outputs, gradients and expert shards."""
-    import torch.distributed as dist
-
-    from conformance.equivalence import _run
-    from conformance.subjects import subject_by_name
-
-    from conformance.training import process_groups_released
-
     subject = subject_by_name(subject_name)
     model = CASES_BY_ID[case_id].build(seed=seed, dtype=getattr(torch, dtype_name)).to(rank_device())
     with process_groups_released():
         model = subject.apply(model, block)
         micro_ids = input_ids.chunk(dist.get_world_size())[dist.get_rank()]
-        run = _run(model, micro_ids)
+        run = run_model(model, micro_ids)
         return {"run": run, "expert_shards": subject.expert_shards(model)}
 
 
@@ -100,8 +86,6 @@ def run_subject_on_ranks(case: ModelCase, subject, dtype: torch.dtype, seed: int
     """The subject's run of the data-parallel objective, as one RunOutput (logits gathered,
     loss = mean of rank losses, aux loss per micro-batch, gradients reduced). ``device="cuda"``:
     one GPU per rank, NCCL (autoep.launch.backend_for)."""
-    from conformance.equivalence import RunOutput
-
     outputs = launch.run(world_size, subject_step_on_rank, case.id, subject.name,
                          str(dtype).replace("torch.", ""), seed, {**block, "autoep_size": autoep_size}, input_ids,
                          device=device)
@@ -145,9 +129,6 @@ def block_step_on_rank(case_id: str, subject_name: str, block_name: str, dtype_n
     subject, on this rank's own tokens (any count, zero included) with the objective
     ``sum(output * upstream)``. Returns the output, the input gradient, the block's local
     parameter gradients (names relative to the block), its expert shards and the wire log."""
-    from conformance.subjects import subject_by_name
-    from conformance.training import process_groups_released
-
     subject = subject_by_name(subject_name)
     model = CASES_BY_ID[case_id].build(seed=seed, dtype=getattr(torch, dtype_name))
     if router_weight is not None:

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import tempfile
 import time
 import traceback
 
 import torch
 
+from autoep.presets.survey import installed_families
 from conformance import findings
+from conformance.checkpoints import resume_elsewhere
 from conformance.equivalence import block_equivalence, model_equivalence
-from conformance.models import CASES_BY_ID, ModelSnapshot
+from conformance.interop import run_family
 from conformance.subjects import missing_method_reason, subject_by_name
-from conformance.tolerances import set_cuda_numerics
+from conformance.tolerances import checks_record, set_cuda_numerics
+from conformance.training import BF16_STEPS, TrainingSetup, compare_training
 from matrix.cells import Cell, expected, profile_matrix, relative_cost
+from matrix.experts_cases import NOT_RUN
+from matrix.models import ALL_CASES, CASES_BY_ID, ModelSnapshot
 from matrix.profiles import DEFAULT_PROFILE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -141,8 +147,6 @@ def _run_equivalence(cell: Cell, subject, device: str = "cpu") -> dict:
 def _run_training(cell: Cell, subject, device: str = "cpu") -> dict:
     """A ZeRO cell: AdamW steps of the subject's DeepSpeed engine vs single-process PyTorch
     (3 steps in float32, BF16_STEPS in bf16)."""
-    from conformance.training import BF16_STEPS, TrainingSetup, compare_training
-
     setup = TrainingSetup(int(cell.zero_stage), cell.autoep_size, zero_init=cell.build == "zero-init")
     if cell.dtype != "float32":
         setup = dataclasses.replace(setup, steps=BF16_STEPS)
@@ -151,23 +155,12 @@ def _run_training(cell: Cell, subject, device: str = "cpu") -> dict:
                                   device=device)
     except Exception:
         return {"status": "fail", "detail": traceback.format_exc()[-1500:]}
-    return _checks_record(checks)
-
-
-def _checks_record(checks: list) -> dict:
-    """The record of a cell judged by a list of comparisons against the reference."""
-    failures = [str(check) for check in checks if not check.ok]
-    return {"status": "pass" if not failures else "fail", "detail": "; ".join(failures[:5]),
-            "max_abs_diff": {"subject~reference": max(check.max_abs_diff for check in checks)}}
+    return checks_record(checks)
 
 
 def _run_checkpoint(cell: Cell, subject, device: str = "cpu") -> dict:
     """A checkpoint cell: train, save, convert to Universal (the subject's converter), resume on
     another topology; the 4 per-step losses and final parameters vs single-process PyTorch."""
-    import tempfile
-
-    from conformance.checkpoints import resume_elsewhere
-
     try:
         with tempfile.TemporaryDirectory(prefix="autoep-conformance-") as folder:
             checks = resume_elsewhere(cell.case, int(cell.zero_stage), (cell.world_size, cell.autoep_size),
@@ -175,14 +168,12 @@ def _run_checkpoint(cell: Cell, subject, device: str = "cpu") -> dict:
                                       zero_init=cell.build == "zero-init")
     except Exception:
         return {"status": "fail", "detail": traceback.format_exc()[-1500:]}
-    return _checks_record(checks)
+    return checks_record(checks)
 
 
 def _run_interop(cell: Cell, subject) -> dict:
     """An interop cell: the subject's model used with one Transformers/PyTorch feature, judged
     against the stock model (conformance/interop.py)."""
-    from conformance.interop import run_family
-
     try:
         result = run_family(cell.interop, CASES_BY_ID[cell.case], subject, DTYPES[cell.dtype])
     except Exception:
@@ -224,10 +215,6 @@ def run_matrix(transformers: str, subject_name: str = "autoep", case_filter: str
 def uncovered_family_records(transformers: str, subject_name: str) -> list[dict]:
     """A cell for every MoE family of the installed Transformers that no conformance case covers (a
     family a newer release adds): "unclassified", with the family's verdict, never silently absent."""
-    from autoep.presets.survey import installed_families
-    from conformance.experts_cases import NOT_RUN
-    from conformance.models import ALL_CASES
-
     covered = {case.model_type for case in ALL_CASES} | {case.preset for case in ALL_CASES} | set(NOT_RUN)
     records = []
     for family in installed_families():
@@ -240,7 +227,7 @@ def uncovered_family_records(transformers: str, subject_name: str) -> list[dict]
             "resume": None, "interop": None, "build": None, "subject": subject_name, "peer": False,
             "expected": "unclassified", "status": "unclassified", "findings": [], "device": "cpu", "seconds": 0.0,
             "reason": f"the installed Transformers has the MoE family {family.folder} ({', '.join(family.model_types)}; "
-                      f"{verdict}) and no conformance case covers it: add one to conformance/experts_cases.py"})
+                      f"{verdict}) and no conformance case covers it: add one to matrix/experts_cases.py"})
     return records
 
 

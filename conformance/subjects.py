@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
 from torch import nn
 
 
@@ -154,7 +155,7 @@ class DeepSpeedBuiltinSubject:
         """The families DeepSpeed's AutoEP claims are its presets (mixtral, qwen3_moe, qwen3_5_moe,
         deepseek_v2, deepseek_v3, minimax_m3): every other family of the table is not its job."""
         from autoep.presets import PRESETS
-        from conformance.models import CASES_BY_ID
+        from matrix.models import CASES_BY_ID
 
         case = CASES_BY_ID[cell.case]
         if case.ep_block.get("replacement") == "experts":

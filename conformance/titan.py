@@ -23,7 +23,7 @@ shared/notes/torchtitan-subject.md):
 Its parameters are named ``router.gate.weight``, ``routed_experts.inner_experts.w1_EFD`` (gate),
 ``w3_EFD`` (up), ``w2_EDF`` (down), ``shared_experts.w1/w2/w3``, ``shared_experts.gate``; the
 model carries a mapping back to the Transformers names (gate and up stacked into
-``gate_up_proj``) that :func:`conformance.equivalence._run` applies to gradients.
+``gate_up_proj``) that :func:`conformance.runs.run_model` applies to gradients.
 
 Nothing here imports torchtitan at module import time: the default install has none, and this
 module is imported by ``conformance.subjects`` to register the subject.
@@ -173,7 +173,7 @@ class TorchTitanSubject:
 
     def not_applicable_reason(self, cell) -> str | None:
         """TorchTitan's HF MoE backend documents Qwen3 models (its config_registry); it is judged on the
-        seed's presets, not on the table's other families (conformance/models.py FAMILY_CASES)."""
+        seed's presets, not on the table's other families (matrix/models.py FAMILY_CASES)."""
         from matrix.cells import EXPERTS_LEVEL_CASE_IDS, FAMILY_CASE_IDS, PLAIN_CASE_IDS
 
         if cell.case in EXPERTS_LEVEL_CASE_IDS or cell.case in PLAIN_CASE_IDS:

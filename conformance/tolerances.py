@@ -236,3 +236,10 @@ def assert_close(what: str, actual: torch.Tensor, expected: torch.Tensor, tol: T
     if not result.ok:
         raise AssertionError(f"{result} [rtol={tol.rtol}, atol={tol.atol}: {tol.why}]")
     return result
+
+
+def checks_record(checks: list) -> dict:
+    """The record of a cell judged by a list of comparisons against the reference."""
+    failures = [str(check) for check in checks if not check.ok]
+    return {"status": "pass" if not failures else "fail", "detail": "; ".join(failures[:5]),
+            "max_abs_diff": {"subject~reference": max(check.max_abs_diff for check in checks)}}

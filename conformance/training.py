@@ -12,14 +12,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import gc
 import logging
 from dataclasses import dataclass
 
 import torch
 
 from autoep import launch
-from conformance.models import CASES_BY_ID, ModelCase
+from conformance.equivalence import NEAR_TIE, decisions_agree, layouts, min_margin
+from conformance.ranks import process_groups_released, rank_device
+from conformance.subjects import PLAIN_DEEPSPEED, subject_by_name
+from conformance.tolerances import Comparison, compare, tolerance
+from matrix.models import CASES_BY_ID, ModelCase
+from reference.model import ReferenceModel
 
 # eps is of the order of the gradients. With the usual 1e-8, Adam's first update is
 # lr * sign(g) for every element: invariant to the gradient's scale (a mis-scaled expert
@@ -133,7 +137,7 @@ def build_partitioned(case: ModelCase, seed: int, ds_config: dict, setup: Traini
     values are kept. Collective: every rank."""
     import deepspeed
 
-    from conformance.model_case import _load, _randomize, make_config
+    from matrix.model_case import _load, _randomize, make_config
 
     if setup.zero_stage != 3:
         raise ValueError(f"zero_init needs ZeRO stage 3, got {setup.zero_stage}")
@@ -166,8 +170,6 @@ def tie_free_global_batches(case: ModelCase, dtype: torch.dtype, world_size: int
     """``global_batches`` from the first data seed (``data_seed`` on) whose micro-batches make no
     near-tie routing decision on the initial weights (in the model's dtype and in float32)."""
     import autoep
-    from conformance.equivalence import NEAR_TIE, layouts, min_margin
-    from reference.model import ReferenceModel
 
     model = case.build(seed=seed, dtype=dtype)
     specs = layouts(autoep.inspect(model, case.block()))
@@ -175,7 +177,6 @@ def tie_free_global_batches(case: ModelCase, dtype: torch.dtype, world_size: int
                ReferenceModel(model.float(), specs, compute_dtype=torch.float64)]
     threshold = NEAR_TIE[str(dtype).replace("torch.", "")]
     if oracles[0].experts_level:  # no declared routing whose margins could be measured: the oracles must agree
-        from conformance.equivalence import decisions_agree
 
         def usable(ids):
             return decisions_agree(oracles, ids)
@@ -195,36 +196,6 @@ def tie_free_global_batches(case: ModelCase, dtype: torch.dtype, world_size: int
 def micro_batch(batches: torch.Tensor, step: int, accum: int, rank: int, world: int, setup: TrainingSetup):
     index = accum * world + rank
     return batches[step, index * setup.micro_batch:(index + 1) * setup.micro_batch]
-
-
-@contextlib.contextmanager
-def process_groups_released(keep=lambda: ()):
-    """Rank side: destroy the process groups created inside the block (the subject's EP/EDP
-    groups, DeepSpeed's expert groups), except those ``keep()`` names (groups a library caches
-    for later runs). Rank processes are shared between runs and a gloo group keeps its threads
-    until destroyed: measured, after ~250 cells each 4-rank worker held 880 gloo threads
-    (pt_gloo_runloop, gloo_tcp_loop) and the cells ran 5-10x slower (load average 135)."""
-    import torch.distributed as dist
-    import torch.distributed.distributed_c10d as c10d
-
-    from autoep import groups as autoep_groups
-
-    before = set(c10d._world.pg_map)
-    cached_before = set(autoep_groups._CACHE)
-    try:
-        yield
-    finally:
-        # autoep reuses its EP/EDP groups per (ranks, autoep_size); the block's are destroyed
-        # below, so the cache forgets them (a later run creates its own).
-        for key in set(autoep_groups._CACHE) - cached_before:
-            del autoep_groups._CACHE[key]
-        kept = {id(group) for group in keep()}
-        for group in [g for g in list(c10d._world.pg_map) if g not in before and id(g) not in kept]:
-            try:
-                dist.destroy_process_group(group)
-            except Exception:  # already destroyed by its owner
-                pass
-        gc.collect()  # a destroyed gloo group's threads end when the last reference to it goes
 
 
 def _deepspeed_cached_groups() -> list:
@@ -293,7 +264,6 @@ def build_engine(case_id: str, subject_name: str, dtype_name: str, seed: int, se
                  load_universal: bool = False):
     """Rank side: the subject's engine for the case's model (weights from ``seed``), its AdamW
     built the subject's way (``optimizer_route``, see OPTIMIZER_ROUTES), or the setup's."""
-    from conformance.subjects import subject_by_name
 
     subject = subject_by_name(subject_name)
     config = deepspeed_config(setup, dtype_name, CASES_BY_ID[case_id].ep_block)
@@ -429,8 +399,6 @@ def train_on_rank(case_id: str, subject_name: str, dtype_name: str, seed: int, s
     a tag folder saved to at the end."""
     import os
 
-    from conformance.parallel import rank_device
-    from conformance.subjects import subject_by_name
 
     subject = subject_by_name(subject_name)
     rank_device()  # on CUDA: the math settings the tolerances assume (DeepSpeed places the model itself)
@@ -542,7 +510,6 @@ def clipping_checks(ranks: list[dict], reference_norms: torch.Tensor, tol, basel
     coefficient it applied against DeepSpeed's formula min(1, max_norm / (norm + 1e-6)) on the
     reference norm: what the engine did, whatever it reports. ``baseline``: another run's records
     (bf16: plain DeepSpeed's), for a tolerance with a baseline factor."""
-    from conformance.tolerances import Comparison, compare
 
     steps = len(reference_norms)
     reported = [rank.get("reported", []) for rank in ranks]
@@ -581,8 +548,6 @@ def compare_training(case: ModelCase, subject, dtype: torch.dtype, setup: Traini
     update error 2.1% for AutoEP, 2.0% for the baseline; over 3 steps ~36% for both at ZeRO 0
     (which steps the bf16 weights themselves, where updates below half an ulp are lost).
     """
-    from conformance.subjects import PLAIN_DEEPSPEED
-    from conformance.tolerances import compare, tolerance
 
     got, want = run_training(case, subject, dtype, setup, world_size, seed, device)
     if got["params"].keys() != want["params"].keys():

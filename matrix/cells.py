@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from packaging.version import Version
 
 from autoep.presets import PRESETS
-from conformance.models import (CASES_BY_ID, DEFAULT_CASES, EXPERTS_CASES, FAMILY_CASES, PLAIN_CASES,
+from matrix.models import (CASES_BY_ID, DEFAULT_CASES, EXPERTS_CASES, FAMILY_CASES, PLAIN_CASES,
                                 SEED_EXPERTS_CASES, VARIANT_CASES)
 from matrix import profiles
 
@@ -34,7 +34,7 @@ TOPOLOGIES = (
     ("none", 1, 1), ("none", 2, 2), ("none", 4, 1), ("none", 4, 2), ("none", 4, 4),
     *((stage, 4, ep) for stage in (0, 1, 2, 3) for ep in (1, 2, 4)),
 )
-# The family cases (conformance/models.py FAMILY_CASES): every case on one process in both dtypes;
+# The family cases (matrix/models.py FAMILY_CASES): every case on one process in both dtypes;
 # each family's first case (its default) also on plain-PyTorch EP (world 4, autoep_size 2 and 4),
 # both dtypes: a family's routing switches do not interact with parallelism, as for VARIANT_CASES.
 # Their routing kind goes through ZeRO and checkpoints with the default case of that kind.
@@ -67,7 +67,7 @@ INTEROP_FAMILIES = ("compile", "param_order", "generate", "grad_checkpointing", 
 
 
 # Cases whose subject call replaces only the experts modules (expert_parallel.replacement='experts'):
-# the seed presets in that mode, and every family without a row (conformance/experts_cases.py); and
+# the seed presets in that mode, and every family without a row (matrix/experts_cases.py); and
 # the model of plain torch.nn modules, found by structure. Each on one process and on plain-PyTorch EP
 # (FAMILY_EP_TOPOLOGIES), both dtypes, from its first Transformers version (an older one is the
 # survey's verdict, not a rejection to prove).
@@ -426,7 +426,7 @@ def in_matrix(transformers: str) -> bool:
 @functools.lru_cache(maxsize=None)
 def case_available(case_id: str) -> bool:
     """Whether the installed Transformers has the classes a case builds (its config and model class)."""
-    from conformance.model_case import _load
+    from matrix.model_case import _load
 
     case = CASES_BY_ID[case_id]
     try:

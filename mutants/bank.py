@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import autoep
 from autoep.presets import PRESETS
-from conformance.models import CASES_BY_ID, make_config
+from matrix.models import CASES_BY_ID, make_config
 from conformance.subjects import AutoEPSubject
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,6 @@ torch.set_num_threads(1)
 
 @pytest.fixture
 def mixtral():
-    from conformance.models import CASES_BY_ID
+    from matrix.models import CASES_BY_ID
 
     return CASES_BY_ID["mixtral"].build()

@@ -24,7 +24,7 @@ from conformance.training import TrainingSetup, build_engine, global_batches, pr
 
 pytestmark = pytest.mark.xdist_group("ranks")
 
-VOCAB = 96  # conformance.models.COMMON
+VOCAB = 96  # matrix.models.COMMON
 WORLD = 2
 TIMEOUT_S = 180  # a rank left waiting in a collective shows up as a RankTimeout, not a hung run
 

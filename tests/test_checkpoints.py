@@ -15,7 +15,7 @@ from conformance.training import TrainingSetup, build_engine, global_batches, pr
 
 pytestmark = pytest.mark.xdist_group("ranks")
 
-VOCAB = 96  # conformance.models.COMMON
+VOCAB = 96  # matrix.models.COMMON
 
 
 @pytest.mark.parametrize("mode", list(LOAD_MODES))
@@ -259,7 +259,7 @@ def test_hugging_face_export_loads_into_the_original_class(stage, tmp_path):
     from safetensors.torch import load_file
 
     import autoep
-    from conformance.models import CASES_BY_ID
+    from matrix.models import CASES_BY_ID
     from conformance.tolerances import assert_close, tolerance
     from conformance.training import assemble
 
@@ -295,7 +295,7 @@ def native_moe_zero3_on_rank() -> str:
     from deepspeed.moe.layer import MoE
 
     import autoep
-    from conformance.models import CASES_BY_ID
+    from matrix.models import CASES_BY_ID
     from conformance.training import ADAMW, deepspeed_config
 
     with process_globals_restored():

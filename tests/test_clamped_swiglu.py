@@ -11,7 +11,7 @@ import autoep
 from autoep import DetectionError
 from autoep.activations import clamped_swiglu
 from autoep.experts import GroupedExperts
-from conformance.models import CASES_BY_ID
+from matrix.models import CASES_BY_ID
 from reference.moe import GATED_FORMULAS
 
 CASE = "minimax_m3_vl-clamp0.5-alpha1.2-top3"

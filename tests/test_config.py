@@ -74,7 +74,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import autoep  # noqa: E402
-from conformance.models import CASES_BY_ID, ModelSnapshot  # noqa: E402
+from matrix.models import CASES_BY_ID, ModelSnapshot  # noqa: E402
 
 EP = {"expert_parallel": {"enabled": True, "autoep_size": 2}, "train_micro_batch_size_per_gpu": 1}
 ZERO3 = {"stage": 3}

@@ -18,7 +18,7 @@ import autoep
 from autoep.config import MAX_INT, AutoEPConfig, AutoEPConfigError
 from autoep.detect import DetectionError
 from autoep.engine import validate_deepspeed_config
-from conformance.models import CASES_BY_ID
+from matrix.models import CASES_BY_ID
 
 BLOCK_EXAMPLES, EXTREME_EXAMPLES, DEEPSPEED_EXAMPLES = 1000, 250, 600
 TRIED = {"block": 0, "extreme": 0, "deepspeed": 0}

@@ -10,7 +10,7 @@ import transformers
 
 import autoep
 from conformance import interop
-from conformance.models import CASES_BY_ID, DEFAULT_CASES
+from matrix.models import CASES_BY_ID, DEFAULT_CASES
 from conformance.report import markdown
 from conformance.runner import run_cell
 from conformance.subjects import SUBJECTS

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import autoep
 from autoep.config import AutoEPConfigError
 from autoep.versions import UnsupportedTransformersError
-from conformance.models import CASES_BY_ID, DEFAULT_CASES, ModelSnapshot
+from matrix.models import CASES_BY_ID, DEFAULT_CASES, ModelSnapshot
 from conformance.subjects import SUBJECTS
 from conformance.training import BF16_STEPS, TrainingSetup, compare_training
 from autoep import launch

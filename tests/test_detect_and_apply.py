@@ -7,7 +7,7 @@ import torch
 import autoep
 from autoep import AutoEPConfigError, AutoEPMoELayer, DetectionError, UnsupportedTransformersError
 from autoep.versions import at_least
-from conformance.models import ALL_CASES, CASES_BY_ID
+from matrix.models import ALL_CASES, CASES_BY_ID
 
 
 @pytest.mark.parametrize("case", [case for case in ALL_CASES if case.refused_with is None and at_least(
@@ -175,7 +175,7 @@ def test_shared_experts_are_never_dropped():
 
 def test_cli_inspect_reads_a_config_file(tmp_path, capsys):
     from autoep.cli import main
-    from conformance.models import make_config
+    from matrix.models import make_config
 
     path = tmp_path / "config.json"
     make_config(CASES_BY_ID["deepseek_v3"]).to_json_file(path)

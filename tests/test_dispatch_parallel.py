@@ -12,7 +12,7 @@ import torch
 
 import autoep
 from conformance.equivalence import NEAR_TIE, _correction_bias, _margins, layouts
-from conformance.models import CASES_BY_ID
+from matrix.models import CASES_BY_ID
 from conformance.parallel import block_on_ranks, gradient_sums, set_router_weight
 from conformance.subjects import SUBJECTS
 from conformance.tolerances import compare, tolerance

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conformance.equivalence import block_equivalence, model_equivalence
-from conformance.models import ALL_CASES, CASES_BY_ID
+from matrix.models import ALL_CASES, CASES_BY_ID
 from conformance.subjects import SUBJECTS
 from conformance.tolerances import tolerance
 from autoep.versions import at_least
@@ -54,7 +54,7 @@ def test_both_expert_kernels_match_reference(use_grouped_mm):
 def test_unaligned_shapes_fall_back_to_loop():
     """grouped_mm refuses rows that are not 16-byte aligned (fp32: width % 4); the loop runs."""
     import autoep
-    from conformance.models import MIXTRAL, ModelCase
+    from matrix.models import MIXTRAL, ModelCase
 
     case = ModelCase("mixtral-I18", "mixtral", "mixtral", "mixtral:MixtralConfig", "mixtral:MixtralForCausalLM",
                      dict(MIXTRAL, intermediate_size=18))
@@ -100,7 +100,7 @@ def test_tolerance_detects_a_wrong_layer():
 
 def test_farther_run_takes_each_tensor_from_the_run_farther_from_the_oracle():
     """The bf16 baseline: per tensor, whichever legitimate bf16 run lies farther from the oracle."""
-    from conformance.equivalence import RunOutput, farther_run
+    from conformance.runs import RunOutput, farther_run
 
     oracle = RunOutput(torch.zeros(2), torch.tensor(1.0), None, {"a": torch.zeros(3), "b": torch.zeros(3)})
     near = RunOutput(torch.full((2,), 0.1), torch.tensor(1.5), None, {"a": torch.full((3,), 0.1),

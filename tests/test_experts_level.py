@@ -15,8 +15,8 @@ from autoep import DetectionError, launch
 from autoep.experts_level import AutoEPExpertsMixin, ExpertsSpec
 from autoep.interface import read_layout
 from autoep.versions import at_least
-from conformance.experts_cases import DIFFUSION_GEMMA_CASE
-from conformance.models import CASES_BY_ID, EXPERTS_MODE, ModelCase, _case
+from matrix.experts_cases import DIFFUSION_GEMMA_CASE
+from matrix.models import CASES_BY_ID, EXPERTS_MODE, ModelCase, _case
 from matrix.cells import EXPERTS_LEVEL_CASES, FLAG_REPRESENTATIVES
 
 # What each flag name of matrix.cells.FLAG_REPRESENTATIVES means, read off an ExpertsSpec.
@@ -154,7 +154,7 @@ def test_read_layout_checks_shapes_against_the_flags():
 def _tied_on_rank(autoep_size: int) -> dict:
     import torch.distributed as dist
 
-    from conformance.training import process_groups_released
+    from conformance.ranks import process_groups_released
 
     model = DIFFUSION_GEMMA_CASE.build()
     stock = copy.deepcopy(model)
@@ -221,3 +221,4 @@ def test_inspect_names_an_experts_level_model_from_its_model_type(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert rows and all(row["routing"] == "the model's own router (experts-level)" for row in rows)
     assert "transposed" in rows[0]["shared"] and "clamped_swiglu" in rows[0]["shared"]
+

@@ -14,7 +14,7 @@ from autoep.detect import DetectionError, resolve_preset
 from autoep.presets import ALIASES, FAMILIES, MODEL_TYPE_TO_PRESET, PRESETS, REFUSED, REFUSED_MODEL_TYPES
 from autoep.presets.survey import installed_families
 from autoep.versions import at_least, transformers_version
-from conformance.models import ALL_CASES, DEFAULT_CASES, make_config
+from matrix.models import ALL_CASES, DEFAULT_CASES, make_config
 from matrix import cells as matrix_cells
 from matrix.profiles import NEWEST
 
@@ -66,7 +66,7 @@ def test_every_fused_experts_family_of_the_installed_transformers_gets_a_verdict
 
 @pytest.mark.skipif(str(transformers_version()) != NEWEST, reason=f"the cases are complete for transformers {NEWEST}")
 def test_every_experts_level_family_is_proven_by_a_case_of_the_matrix():
-    from conformance.experts_cases import NOT_RUN
+    from matrix.experts_cases import NOT_RUN
 
     experts_families = [family for family in installed_families() if family.mode == "experts"]
     case_types = {case.model_type for case in ALL_CASES if case.ep_block} | {case.preset for case in ALL_CASES} | set(NOT_RUN)
@@ -148,7 +148,7 @@ def test_fused_experts_outside_the_described_blocks_are_named_not_silently_left_
     import logging
 
     import autoep
-    from conformance.models import CASES_BY_ID
+    from matrix.models import CASES_BY_ID
 
     model = CASES_BY_ID["mixtral"].build()
     model.model.talker = copy.deepcopy(model.model.layers[0].mlp.experts)

@@ -22,7 +22,7 @@ from autoep import checkpoint as ckpt
 from autoep import launch
 from autoep.checkpoint import TOPOLOGY_FILE, AutoEPCheckpointError
 from autoep.cli import main as cli_main
-from conformance.models import CASES_BY_ID
+from matrix.models import CASES_BY_ID
 from conformance.training import TrainingSetup, build_engine, global_batches, process_globals_restored, train_steps
 
 pytestmark = pytest.mark.xdist_group("ranks")
@@ -322,7 +322,7 @@ CONFLICTS = {
 @pytest.mark.parametrize("name", list(CONFLICTS))
 def test_a_deepspeed_setting_autoep_cannot_run_is_refused_before_anything_changes(name):
     from autoep.config import AutoEPConfigError
-    from conformance.model_case import ModelSnapshot
+    from matrix.model_case import ModelSnapshot
 
     edit, message = CONFLICTS[name]
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},

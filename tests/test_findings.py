@@ -15,7 +15,7 @@ from packaging.version import Version
 from autoep import launch
 from conformance import findings
 from conformance.findings import FINDINGS_BY_ID, classify, engine_outcome_on_rank, label, rejection_records
-from conformance.models import CASES_BY_ID
+from matrix.models import CASES_BY_ID
 from conformance.subjects import SUBJECTS
 from conformance.tolerances import tolerance
 from conformance.training import TrainingSetup, build_engine, compare_training, process_globals_restored, train_steps

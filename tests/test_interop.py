@@ -16,7 +16,7 @@ import autoep
 from autoep.activations import CONFIG_NAMES
 from autoep.detect import DetectionError
 from conformance.equivalence import model_equivalence, tie_free_batch
-from conformance.models import CASES_BY_ID, DEFAULT_CASES, ModelSnapshot
+from matrix.models import CASES_BY_ID, DEFAULT_CASES, ModelSnapshot
 from conformance.subjects import SUBJECTS
 from conformance.tolerances import compare, tolerance
 from autoep.versions import at_least

@@ -12,7 +12,7 @@ import torch
 import autoep
 from autoep.versions import at_least
 from conformance.equivalence import model_equivalence
-from conformance.models import DEFAULT_CASES
+from matrix.models import DEFAULT_CASES
 from conformance.parallel import subject_step_on_rank
 from conformance.subjects import SUBJECTS
 from conformance.tolerances import compare, tolerance
@@ -72,7 +72,7 @@ def test_expert_gradients_do_not_depend_on_autoep_size(case):
 def apply_and_report_on_rank(case_id: str, block: dict) -> dict:
     """Rank side of the rejection test: apply, and report the error and whether the model
     (module types and every tensor) is unchanged."""
-    from conformance.models import CASES_BY_ID, ModelSnapshot
+    from matrix.models import CASES_BY_ID, ModelSnapshot
 
     model = CASES_BY_ID[case_id].build()
     snapshot = ModelSnapshot.of(model)
@@ -95,7 +95,7 @@ def test_autoep_size_must_divide_world_size():
 
 
 def test_autoep_size_above_one_needs_torch_distributed(mixtral):
-    from conformance.models import ModelSnapshot
+    from matrix.models import ModelSnapshot
 
     snapshot = ModelSnapshot.of(mixtral)
     with pytest.raises(RuntimeError, match=r"autoep_size=2 needs torch.distributed to be initialized"):
@@ -140,7 +140,7 @@ def reduced_step_on_rank(case_id: str, autoep_size: int, input_ids) -> dict:
     """Rank side: one micro-batch, then autoep.reduce_gradients; the reduced local gradients."""
     import torch.distributed as dist
 
-    from conformance.models import CASES_BY_ID
+    from matrix.models import CASES_BY_ID
 
     model = autoep.apply(CASES_BY_ID[case_id].build(), {"autoep_size": autoep_size})
     micro_ids = input_ids.chunk(dist.get_world_size())[dist.get_rank()]

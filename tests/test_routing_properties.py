@@ -71,7 +71,7 @@ def test_sort_then_unsort_is_identity_and_counts_are_exact(num_experts, num_toke
 
 def test_all_tokens_to_one_expert_and_single_token():
     import autoep
-    from conformance.models import CASES_BY_ID
+    from matrix.models import CASES_BY_ID
 
     model = CASES_BY_ID["mixtral-top1"].build()
     autoep.apply(model)

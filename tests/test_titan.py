@@ -23,7 +23,7 @@ import transformers  # noqa: E402
 from autoep import launch  # noqa: E402
 from conformance import findings, titan  # noqa: E402
 from conformance.equivalence import model_equivalence  # noqa: E402
-from conformance.models import CASES_BY_ID  # noqa: E402
+from matrix.models import CASES_BY_ID  # noqa: E402
 from conformance.parallel import subject_step_on_rank  # noqa: E402
 from conformance.runner import run_cell  # noqa: E402
 from conformance.subjects import SUBJECTS  # noqa: E402

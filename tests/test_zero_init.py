@@ -14,7 +14,7 @@ import torch
 import autoep
 from autoep import launch
 from autoep.config import AutoEPConfigError
-from conformance.models import CASES_BY_ID
+from matrix.models import CASES_BY_ID
 from conformance.tolerances import compare, tolerance
 from conformance.training import (ADAMW, CONFIG_ADAMW, TrainingSetup, build_partitioned, deepspeed_config,
                                   global_batches, micro_batch, reference_training, train_on_rank)
@@ -63,7 +63,7 @@ def _peak_on_rank(layers: int, autoep_size: int) -> dict:
 
     from autoep import engine as autoep_engine
     from benchmarks.live_bytes import LiveBytes
-    from conformance.model_case import ModelCase
+    from matrix.model_case import ModelCase
     from conformance.training import process_globals_restored
 
     case = ModelCase("mixtral-wide", "mixtral", "mixtral", "mixtral:MixtralConfig", "mixtral:MixtralForCausalLM",

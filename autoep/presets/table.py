@@ -5,7 +5,7 @@ Detection, the layer, the reference (through the RoutingSpec a row builds), the 
 `autoep inspect --families` read these rows. A family is added by adding a row (and, where its
 routing needs a decision no field expresses yet, a new RoutingSpec field implemented in
 autoep/routing.py and, independently, in reference/moe.py). Every row is proven by a tiny
-random model in conformance/models.py (FAMILY_CASES) against the stock Transformers model and
+random model in matrix/models.py (FAMILY_CASES) against the stock Transformers model and
 the reference.
 """
 

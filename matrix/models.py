@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from conformance.experts_cases import EXPERTS_CASES
-from conformance.model_case import (_MLA, _NO_SPECIAL_TOKENS, _SMALL_SPECIAL_TOKENS, COMMON,  # noqa: F401
-                                    EXPERTS_MODE, ModelCase, ModelSnapshot, _case, keep_fp32_modules, make_config,
-                                    random_correction_bias)
+from matrix.experts_cases import EXPERTS_CASES
+from matrix.model_case import (_MLA, _NO_SPECIAL_TOKENS, _SMALL_SPECIAL_TOKENS, COMMON,  # noqa: F401
+                               EXPERTS_MODE, ModelCase, ModelSnapshot, _case, keep_fp32_modules, make_config,
+                               random_correction_bias)
 
 MIXTRAL = dict(COMMON, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0)
 QWEN3 = dict(COMMON, intermediate_size=64, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
@@ -346,9 +346,9 @@ FAMILY_CASES: list[ModelCase] = [
 SEED_EXPERTS_CASES = [dataclasses.replace(case, id=f"{case.id}@experts", ep_block=EXPERTS_MODE)
                       for case in DEFAULT_CASES]
 
-# A Mixtral-shaped model of plain torch.nn modules (conformance/plain_models.py): found by its structure.
-PLAIN_CASES = [ModelCase("plain_mixtral", "mixtral", "mixtral", "conformance.plain_models:PlainMixtralConfig",
-                         "conformance.plain_models:PlainMixtralForCausalLM", {}, has_aux_loss=False)]
+# A Mixtral-shaped model of plain torch.nn modules (matrix/plain_models.py): found by its structure.
+PLAIN_CASES = [ModelCase("plain_mixtral", "mixtral", "mixtral", "matrix.plain_models:PlainMixtralConfig",
+                         "matrix.plain_models:PlainMixtralForCausalLM", {}, has_aux_loss=False)]
 
 
 ALL_CASES = DEFAULT_CASES + VARIANT_CASES + FAMILY_CASES + SEED_EXPERTS_CASES + PLAIN_CASES + EXPERTS_CASES

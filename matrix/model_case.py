@@ -1,6 +1,6 @@
 """The case of the conformance suite: a tiny random model built from a config class (nothing is
-downloaded), and the helpers every table of cases shares (conformance/models.py,
-conformance/experts_cases.py).
+downloaded), and the helpers every table of cases shares (matrix/models.py,
+matrix/experts_cases.py).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Families of Transformers 5.25 with MoE code that have no case here:
 - step3p5: no folder of its own. Step3p7TextConfig *is* model type "step3p5" (the language model of
   step3p7), built only inside Step3p7ForConditionalGeneration (Step3p7TextModel has no LM head):
   the "step3p7" case below covers it (its model_type is "step3p5").
-- bailing_hybrid: a family-table row (FAMILY_CASES in conformance/models.py covers it).
+- bailing_hybrid: a family-table row (FAMILY_CASES in matrix/models.py covers it).
 
 Cases that do not follow the causal-LM protocol in every respect (see the comment at each config):
 "diffusion_gemma" (block diffusion: returns no loss, draws its canvas from the global RNG unless
@@ -31,7 +31,7 @@ import dataclasses
 
 import torch
 
-from conformance.model_case import (_MLA, _NO_SPECIAL_TOKENS, _SMALL_SPECIAL_TOKENS, COMMON, EXPERTS_MODE, ModelCase,
+from matrix.model_case import (_MLA, _NO_SPECIAL_TOKENS, _SMALL_SPECIAL_TOKENS, COMMON, EXPERTS_MODE, ModelCase,
                                     _case, random_correction_bias)
 
 
