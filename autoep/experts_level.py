@@ -223,6 +223,14 @@ def local_experts(module: nn.Module, rows_RH: torch.Tensor, counts_E: torch.Tens
     layout = module.spec.layout
     flags = layout.flags
     kernel = module.kernel()
+    if kernel == "eager" and rows_RH.shape[0] == 0:
+        # No row here: the class's eager forward loops over the experts its rows hit, so its output would
+        # be a fresh tensor with no path back to the rows or the parameters, and this rank would skip the
+        # two backward AllToAlls its EP peers run (measured: openai_privacy_filter, autoep_size 4, a rank
+        # given no row in one layer: gloo aborted "Received data size doesn't match expected size"), and
+        # leave its expert gradients None where its peers have them. AutoEP's loop computes the same empty
+        # output with every expert parameter and the rows in the graph (their gradients exact zeros).
+        kernel = "loop"
     module.last_path = kernel
     if kernel == "eager":
         return _class_forward(module, rows_RH, counts_E)

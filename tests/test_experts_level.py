@@ -222,3 +222,46 @@ def test_inspect_names_an_experts_level_model_from_its_model_type(capsys):
     assert rows and all(row["routing"] == "the model's own router (experts-level)" for row in rows)
     assert "transposed" in rows[0]["shared"] and "clamped_swiglu" in rows[0]["shared"]
 
+
+def _no_row_for_this_rank(autoep_size: int) -> dict:
+    import torch.distributed as dist
+
+    from conformance.ranks import process_groups_released
+
+    model = CASES_BY_ID["gpt_oss"].build()
+    model.config._experts_implementation = "eager"  # the class's own forward: a loop over the experts hit
+    stock_experts = copy.deepcopy(model.model.layers[0].mlp.experts)
+    with process_groups_released():
+        autoep.apply(model, {**EXPERTS_MODE, "autoep_size": autoep_size})
+        experts = model.model.layers[0].mlp.experts
+        per_rank = experts.spec.num_experts // autoep_size
+        generator = torch.Generator().manual_seed(dist.get_rank())
+        hidden = torch.randn(6, experts.spec.layout.hidden_size, generator=generator)
+        top_k = model.config.num_experts_per_tok
+        index = torch.randint(0, per_rank, (6, top_k), generator=generator)  # every slot: an expert of rank 0
+        weights = torch.rand(6, top_k, generator=generator)
+        results = {}
+        for label, module in (("applied", experts), ("stock", stock_experts)):
+            x = hidden.clone().requires_grad_(True)
+            out = module(x, index, weights)
+            (out * torch.arange(out.numel()).view_as(out)).sum().backward()
+            results[label] = (out.detach(), x.grad)
+        grads = {name: param.grad for name, param in experts.expert_named_parameters()}
+        return {"rank": dist.get_rank(), "path": experts.last_path,
+                "output": float((results["applied"][0] - results["stock"][0]).abs().max()),
+                "input_grad": float((results["applied"][1] - results["stock"][1]).abs().max()),
+                "none_grads": sorted(name for name, grad in grads.items() if grad is None),
+                "grad_abs_sum": sum(float(grad.abs().sum()) for grad in grads.values() if grad is not None)}
+
+
+def test_a_rank_given_no_row_runs_the_same_collectives_as_its_peers():
+    """Under the eager kernel (the class's own forward) a rank whose experts receive no row must still
+    run both backward AllToAlls and give its expert parameters zero gradients: found by the full profile
+    (openai_privacy_filter w4-ep4, gloo aborted on a size mismatch). Every slot here names an expert of
+    rank 0, so rank 1 receives nothing."""
+    results = launch.run(2, _no_row_for_this_rank, 2)
+    for result in results:
+        assert result["output"] < 1e-5 and result["input_grad"] < 1e-5, result
+        assert result["none_grads"] == [], result
+    assert results[1]["path"] == "loop" and results[1]["grad_abs_sum"] == 0.0, results[1]
+    assert results[0]["path"] == "eager" and results[0]["grad_abs_sum"] > 0, results[0]
