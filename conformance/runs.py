@@ -14,6 +14,9 @@ class RunOutput:
     loss: torch.Tensor
     aux_loss: torch.Tensor | None
     grads: dict[str, torch.Tensor]
+    # Per parameter, each micro-batch's gradient (float32 or wider, on the CPU): the terms ``grads``
+    # is the mean of (see conformance.tolerances, cancelling means); None for one micro-batch.
+    grad_terms: dict[str, list[torch.Tensor]] | None = None
 
 
 def run_model(model, input_ids, reference: bool = False, micro_batches: int = 1) -> RunOutput:
@@ -28,6 +31,7 @@ def run_model(model, input_ids, reference: bool = False, micro_batches: int = 1)
     named = list(model.model.named_parameters() if reference else model.named_parameters())
     input_ids = input_ids.to(named[0][1].device)  # results come back on the CPU, wherever the model ran
     sums: dict[str, torch.Tensor] = {}
+    terms: dict[str, list[torch.Tensor]] = {}
     logits, losses, auxes = [], [], []
     for micro_ids in input_ids.chunk(micro_batches):
         model.zero_grad(set_to_none=True)
@@ -41,16 +45,19 @@ def run_model(model, input_ids, reference: bool = False, micro_batches: int = 1)
             if param.grad is not None:
                 grad = param.grad.detach().to(torch.promote_types(param.grad.dtype, torch.float32))
                 sums[name] = grad.clone() if name not in sums else sums[name] + grad
+                if micro_batches > 1:
+                    terms.setdefault(name, []).append(grad.cpu().clone())
         logits.append(micro_logits.detach())
         losses.append(loss.detach())
         auxes.append(None if aux is None else aux.detach().reshape(1))
     dtypes = {name: param.dtype for name, param in named}
     grads = {name: (total / micro_batches).to(dtypes[name]).cpu() for name, total in sums.items()}
     # A subject that renames parameters (TorchTitan) carries the mapping back to the Transformers names.
+    grad_terms = terms if micro_batches > 1 else None
     if (rename := getattr(model, "conformance_transformers_names", None)) is not None:
-        grads = rename(grads)
+        grads, grad_terms = rename(grads), None
     aux_loss = None if auxes[0] is None else torch.cat(auxes).cpu()
-    return RunOutput(torch.cat(logits).cpu(), torch.stack(losses).mean().cpu(), aux_loss, grads)
+    return RunOutput(torch.cat(logits).cpu(), torch.stack(losses).mean().cpu(), aux_loss, grads, grad_terms)
 
 
 def farther_run(runs: list[RunOutput], expected: RunOutput) -> RunOutput:
@@ -63,7 +70,17 @@ def farther_run(runs: list[RunOutput], expected: RunOutput) -> RunOutput:
         return max(present, key=lambda v: float((v.double() - want.double()).norm()) if v.shape == want.shape
                    else float("inf"))
 
+    def terms_error(terms: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+        return sum(float((term.double() - w.double()).norm()) for term, w in zip(terms, want))
+
     grads = {name: pick([run.grads.get(name) for run in runs], want) for name, want in expected.grads.items()}
+    grad_terms = None
+    if expected.grad_terms is not None:  # per tensor, the terms of the run farther from the expected terms
+        grad_terms = {}
+        for name, want in expected.grad_terms.items():
+            present = [run.grad_terms[name] for run in runs if run.grad_terms is not None and name in run.grad_terms]
+            if present:
+                grad_terms[name] = max(present, key=lambda terms: terms_error(terms, want))
     return RunOutput(pick([r.logits for r in runs], expected.logits), pick([r.loss for r in runs], expected.loss),
                      pick([r.aux_loss for r in runs], expected.aux_loss),
-                     {name: value for name, value in grads.items() if value is not None})
+                     {name: value for name, value in grads.items() if value is not None}, grad_terms)

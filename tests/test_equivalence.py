@@ -113,6 +113,56 @@ def test_farther_run_takes_each_tensor_from_the_run_farther_from_the_oracle():
     assert picked.aux_loss is None
 
 
+def test_a_tie_free_batch_is_assembled_sequence_by_sequence_and_can_be_drawn_again(monkeypatch):
+    """After the whole-batch draws, the batch is assembled from sequences drawn one by one (each tie-free
+    alone), checked whole, and its recorded seed draws it again; the whole-batch draws come first."""
+    from conformance import equivalence
+
+    def tie_free(models, input_ids, dtype_name):  # a stand-in: a sequence is tie-free if it starts even
+        return bool((input_ids[:, 0] % 2 == 0).all())
+
+    monkeypatch.setattr(equivalence, "away_from_ties", tie_free)
+    vocab, shape = 97, (6, 5)
+    whole = [seed for seed in range(10, 10 + equivalence.WHOLE_BATCH_DRAWS)
+             if tie_free(None, equivalence.batch(vocab, seed, shape), "")]
+    assert not whole  # (1/64 per draw: the whole-batch draws find none here)
+    ids, drawn = equivalence.tie_free_batch([], vocab, "bfloat16", 10, shape=shape)
+    assert ids.shape == shape and tie_free(None, ids, "")
+    assert drawn.startswith("rows:")
+    seeds = [int(seed) for seed in drawn.removeprefix("rows:").split(",")]
+    assert torch.equal(ids, torch.cat([equivalence.batch(vocab, seed, (1, shape[1])) for seed in seeds]))
+    # a seed whose whole batch is tie-free is taken as it was before (an int)
+    first = next(seed for seed in range(1000) if tie_free(None, equivalence.batch(vocab, seed, (2, 5)), ""))
+    assert equivalence.tie_free_batch([], vocab, "bfloat16", first, shape=(2, 5))[1] == first
+
+
+def test_a_cancelling_mean_is_judged_at_the_scale_of_its_terms():
+    """A bf16 gradient reduced over ranks is the mean of micro-batch gradients, each rounded at its own
+    scale: where they cancel (DeepSeek-V4's hc_scale, terms ~5e-3, mean ~2e-4), the bound is relative
+    to the terms and Transformers' error is measured on the terms; a mis-scaled mean still fails."""
+    from conformance.equivalence import _compare_runs
+    from conformance.runs import RunOutput
+
+    tol = tolerance(torch.bfloat16, "multi")
+    terms = [torch.tensor([-3.5e-3]), torch.tensor([-3.7e-3]), torch.tensor([5.7e-3]), torch.tensor([1.0e-3])]
+    mean = sum(terms) / 4  # -1.25e-4
+    stock_terms = [t + torch.tensor([(-1) ** i * 3e-4]) for i, t in enumerate(terms)]  # bf16-sized errors
+    oracle = RunOutput(torch.zeros(2), torch.tensor(1.0), None, {"w": mean}, {"w": terms})
+    stock = RunOutput(torch.zeros(2), torch.tensor(1.0), None, {"w": mean + 1e-5}, {"w": stock_terms})
+
+    def judged(value):
+        subject = RunOutput(torch.zeros(2), torch.tensor(1.0), None, {"w": value})
+        return [c for c in _compare_runs(subject, oracle, tol, False, stock) if c.what == "grad w"][0]
+
+    assert judged(mean + 4e-4).ok  # 3x the mean, 1.3x the stock's error on the terms
+    assert not judged(mean + 8e-4).ok  # beyond 2x the stock's error on the terms
+    assert not judged(mean * 2 + 5e-3).ok  # off by O(1) of a term
+    # without the terms (one micro-batch), the bound is relative to the mean itself
+    assert not _compare_runs(RunOutput(torch.zeros(2), torch.tensor(1.0), None, {"w": mean + 4e-4}),
+                             RunOutput(torch.zeros(2), torch.tensor(1.0), None, {"w": mean}), tol, False,
+                             RunOutput(torch.zeros(2), torch.tensor(1.0), None, {"w": mean + 1e-5}))[-1].ok
+
+
 @pytest.mark.parametrize("case_id", ["deepseek_v3", "qwen3_5_moe-top4"])
 def test_bf16_bound_still_detects_a_wrong_layer(case_id):
     """With the two-baseline bf16 bound (Transformers, and the reference at bf16), a routed scale
