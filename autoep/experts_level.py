@@ -37,6 +37,7 @@ from autoep.groups import ExpertParallelGroups
 from autoep.interface import (ExpertsInterfaceError, ExpertsLayout, eager_forward, expert_rows_weight,
                               is_interface_module, read_layout, uses_default_gate)
 from autoep.presets.gates import CUSTOM_GATES, FLOAT32_EAGER, GateFormula
+from autoep.swapped import rebuild_swapped
 
 logger = logging.getLogger("autoep")
 
@@ -170,8 +171,6 @@ class AutoEPExpertsMixin:
     ep_groups: ExpertParallelGroups | None
 
     def __reduce_ex__(self, protocol):
-        from autoep.layer import rebuild_swapped
-
         return rebuild_swapped, (type(self).__mro__[2], experts_class_for, self.__dict__)
 
     def routed_experts(self) -> nn.Module:

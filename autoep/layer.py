@@ -27,15 +27,7 @@ from autoep.dispatch import combine, dispatch
 from autoep.experts import GroupedExperts, check_experts_implementation
 from autoep.groups import ExpertParallelGroups
 from autoep.routing import RoutingSpec, route
-
-
-def rebuild_swapped(original: type, make_class, state: dict):
-    """Unpickle an instance whose class AutoEP made at run time (``make_class(original)``): the
-    original class is found by name, the AutoEP subclass made again, the instance's state restored."""
-    instance = original.__new__(original)
-    instance.__dict__.update(state)
-    instance.__class__ = make_class(original)
-    return instance
+from autoep.swapped import rebuild_swapped
 
 
 class AutoEPRouterMixin:

@@ -27,6 +27,9 @@ from pathlib import Path
 from conformance import report
 from matrix.cells import in_matrix
 from matrix.profiles import DEFAULT_PROFILE, NEWEST, PROFILES, versions
+from autoep import launch
+from conformance.runner import run_matrix
+from conformance.subjects import UnknownSubject, subject_by_name
 
 
 def main(argv=None) -> int:
@@ -45,8 +48,6 @@ def main(argv=None) -> int:
     if args.command == "run":
         import transformers
 
-        from conformance.subjects import UnknownSubject, subject_by_name
-
         try:
             subject = subject_by_name(args.subject)
         except UnknownSubject as error:
@@ -56,8 +57,6 @@ def main(argv=None) -> int:
         if check is not None and (why := check()) is not None:
             print(f"conformance: subject {args.subject!r} cannot run here: {why}", file=sys.stderr)
             return 2
-        from autoep import launch
-        from conformance.runner import run_matrix
 
         warnings.filterwarnings("ignore")
         logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -16,6 +16,13 @@ from typing import Callable
 
 from packaging.version import Version
 
+from autoep import launch
+from conformance.subjects import SUBJECTS
+from conformance.tolerances import checks_record
+from conformance.training import TrainingSetup, build_engine, compare_training, process_globals_restored
+from matrix.cells import Cell, expected
+from matrix.models import CASES_BY_ID
+
 TEST = "tests/test_findings.py::"
 TITAN_TEST = "tests/test_titan.py::"  # the TorchTitan findings run where torchtitan is installed (nox -s titan)
 
@@ -51,15 +58,11 @@ def _version(record: dict) -> Version:
 
 
 def _case_kwargs(record: dict) -> dict:
-    from matrix.models import CASES_BY_ID
-
     case = CASES_BY_ID.get(record["case"])
     return case.kwargs if case is not None else {}
 
 
 def _has_aux_loss(record: dict) -> bool:
-    from matrix.models import CASES_BY_ID
-
     case = CASES_BY_ID.get(record["case"])
     return case is not None and case.has_aux_loss
 
@@ -254,10 +257,6 @@ def _judged_without_aux_loss(record: dict, cell, subject, finding: Finding) -> d
     run's differences are the semantic difference's measurement."""
     import torch
 
-    from matrix.models import CASES_BY_ID
-    from conformance.tolerances import checks_record
-    from conformance.training import TrainingSetup, compare_training
-
     setup = TrainingSetup(int(cell.zero_stage), cell.autoep_size, aux_loss_coef=0.0)
     try:
         judged = checks_record(compare_training(CASES_BY_ID[cell.case], subject, torch.float32, setup,
@@ -280,15 +279,11 @@ def rejection_records(transformers: str, subject_name: str, case_filter: str | N
     spec = REJECTION_CELLS.get(subject_name)
     if spec is None or (case_filter and case_filter not in spec["case"]):
         return []
-    from matrix.cells import Cell, expected
 
     if expected(Cell(transformers, spec["case"], spec["zero_stage"], spec["world_size"], spec["autoep_size"],
                      "float32")).outcome != "pass":  # the case itself is refused on this version (4.x)
         return []
     import time
-
-    from autoep import launch
-    from conformance.subjects import SUBJECTS
 
     finding = FINDINGS_BY_ID[spec["finding"]]
     record = {"cell": f"tf{transformers}/{spec['case']}/zero-{spec['zero_stage']}/w{spec['world_size']}-ep"
@@ -314,8 +309,6 @@ def engine_outcome_on_rank(case_id: str, subject_name: str, zero_stage: int, aut
                            optimizer_route: str | None = None, aux_loss_coef: float | None = None) -> str | None:
     """Rank side: build the subject's engine; None if it was built, else the error as
     "Type: message" (with the last traceback lines)."""
-    from conformance.training import TrainingSetup, build_engine, process_globals_restored
-
     setup = TrainingSetup(zero_stage, autoep_size, optimizer_route=optimizer_route, aux_loss_coef=aux_loss_coef)
     with process_globals_restored():
         try:

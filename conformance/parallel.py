@@ -25,6 +25,7 @@ from conformance.ranks import process_groups_released, rank_device
 from conformance.runs import RunOutput, run_model
 from conformance.subjects import subject_by_name
 from matrix.models import CASES_BY_ID, ModelCase
+import autoep
 
 
 def subject_step_on_rank(case_id: str, subject_name: str, dtype_name: str, seed: int, block: dict,
@@ -151,8 +152,6 @@ def block_step_on_rank(case_id: str, subject_name: str, block_name: str, dtype_n
 
 def set_router_weight(model: torch.nn.Module, block_name: str, weight_EH: torch.Tensor) -> None:
     """Overwrite the router weight of one block of an original model (to force a routing)."""
-    import autoep
-
     spec = next(spec for spec in autoep.inspect(model) if spec.name == block_name)
     with torch.no_grad():
         getattr(model.get_submodule(block_name), spec.router_attr).weight.copy_(weight_EH)

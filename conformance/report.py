@@ -11,6 +11,9 @@ import subprocess
 from pathlib import Path
 from xml.etree import ElementTree
 
+from conformance import findings
+from matrix.cells import in_matrix
+
 SYMBOLS = {"pass": "pass", "fail": "**FAIL**", "rejected_as_expected": "rejected (expected)",
            "not_applicable": "n/a", "not_implemented": "not implemented yet", "skipped": "skipped",
            "unclassified": "unclassified (no case)"}
@@ -43,7 +46,6 @@ def device_description(device: str) -> str:
 def write_part(path: Path, records: list[dict], profile: str, seconds: float, device: str = "cpu") -> None:
     """One version x subject: its records and when, where (``device``) and how long it ran."""
     first = records[0] if records else {}
-    from matrix.cells import in_matrix
 
     version = first.get("transformers")
     meta = {"profile": profile, "transformers": version, "in_matrix": version is None or in_matrix(version),
@@ -103,8 +105,6 @@ def _row(record: dict) -> str:
 
 def markdown(records: list[dict], runs: list[dict] | None = None, profile: str | None = None,
              mutants: dict | None = None, heatmaps: dict[str, str] | None = None) -> str:
-    from conformance import findings
-
     lines = ["# AutoEP conformance report", ""]
     if profile:
         lines += [f"Profile `{profile}` (matrix/profiles.py, matrix.cells.in_profile).", ""]

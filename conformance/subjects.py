@@ -12,6 +12,10 @@ from typing import Protocol
 import torch
 from torch import nn
 
+import autoep
+from autoep.presets import PRESETS
+from matrix.models import CASES_BY_ID
+
 
 class Subject(Protocol):
     name: str
@@ -50,13 +54,9 @@ class AutoEPSubject:
         return None
 
     def apply(self, model: nn.Module, block: dict) -> nn.Module:
-        import autoep
-
         return autoep.apply(model, {"enabled": True, **block})
 
     def initialize(self, model: nn.Module, ds_config: dict, optimizer):
-        import autoep
-
         engine, *_ = autoep.initialize(model=model, optimizer=optimizer, config=ds_config)
         return engine
 
@@ -64,19 +64,13 @@ class AutoEPSubject:
         return gathered_parameters(engine)
 
     def to_universal(self, input_folder: str, output_folder: str) -> None:
-        import autoep
-
         autoep.to_universal(input_folder, output_folder)
 
     def save_pretrained(self, model: nn.Module, output_dir: str) -> None:
         """The documented Hugging Face export (README): every expert gathered, stock names."""
-        import autoep
-
         autoep.save_pretrained(model, output_dir)
 
     def expert_shards(self, model: nn.Module) -> dict[str, tuple[int, int]]:
-        import autoep
-
         shards = {}
         for layer_name, layer in autoep.replaced_layers(model):
             experts_name = f"{layer_name}.{layer.spec.experts_attr}"
@@ -154,9 +148,6 @@ class DeepSpeedBuiltinSubject:
     def not_applicable_reason(self, cell) -> str | None:
         """The families DeepSpeed's AutoEP claims are its presets (mixtral, qwen3_moe, qwen3_5_moe,
         deepseek_v2, deepseek_v3, minimax_m3): every other family of the table is not its job."""
-        from autoep.presets import PRESETS
-        from matrix.models import CASES_BY_ID
-
         case = CASES_BY_ID[cell.case]
         if case.ep_block.get("replacement") == "experts":
             return ("an experts-level cell (expert_parallel.replacement='experts'): DeepSpeed's AutoEP replaces whole "
@@ -179,8 +170,6 @@ class DeepSpeedBuiltinSubject:
 
     def initialize(self, model: nn.Module, ds_config: dict, optimizer):
         import deepspeed
-
-        import autoep
 
         # Where the blocks and their submodules are, for the name mapping (kept on the model).
         model.conformance_specs = autoep.inspect(model)

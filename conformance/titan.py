@@ -37,6 +37,9 @@ import importlib.util
 import torch
 from torch import nn
 
+import autoep
+from matrix.cells import EXPERTS_LEVEL_CASE_IDS, FAMILY_CASE_IDS, PLAIN_CASE_IDS
+
 NOT_INSTALLED = ("torchtitan is not installed in this environment: the torchtitan subject runs in its own "
                  "pinned environment, `nox -s titan`")
 NO_DEEPSPEED = ("TorchTitan does not run under DeepSpeed: its MoE trains inside its own trainer (FSDP2/DTensor "
@@ -174,8 +177,6 @@ class TorchTitanSubject:
     def not_applicable_reason(self, cell) -> str | None:
         """TorchTitan's HF MoE backend documents Qwen3 models (its config_registry); it is judged on the
         seed's presets, not on the table's other families (matrix/models.py FAMILY_CASES)."""
-        from matrix.cells import EXPERTS_LEVEL_CASE_IDS, FAMILY_CASE_IDS, PLAIN_CASE_IDS
-
         if cell.case in EXPERTS_LEVEL_CASE_IDS or cell.case in PLAIN_CASE_IDS:
             return ("an experts-level or plain-module cell: TorchTitan's HF MoE backend swaps whole blocks of the "
                     "families it documents")
@@ -196,8 +197,6 @@ class TorchTitanSubject:
         return None
 
     def apply(self, model: nn.Module, block: dict) -> nn.Module:
-        import autoep
-
         moe_replacement, convert, ParallelDims, expert_names = _import_titan()
         ep = int(block.get("autoep_size", 1))
         specs = autoep.inspect(model)  # block names and Transformers attribute names, for the mapping back

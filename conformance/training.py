@@ -24,6 +24,8 @@ from conformance.subjects import PLAIN_DEEPSPEED, subject_by_name
 from conformance.tolerances import Comparison, compare, tolerance
 from matrix.models import CASES_BY_ID, ModelCase
 from reference.model import ReferenceModel
+import autoep
+from matrix.model_case import _load, _randomize, make_config
 
 # eps is of the order of the gradients. With the usual 1e-8, Adam's first update is
 # lr * sign(g) for every element: invariant to the gradient's scale (a mis-scaled expert
@@ -137,8 +139,6 @@ def build_partitioned(case: ModelCase, seed: int, ds_config: dict, setup: Traini
     values are kept. Collective: every rank."""
     import deepspeed
 
-    from matrix.model_case import _load, _randomize, make_config
-
     if setup.zero_stage != 3:
         raise ValueError(f"zero_init needs ZeRO stage 3, got {setup.zero_stage}")
     # The class and config outside the context: zero.Init patches tensor construction, and a module
@@ -169,8 +169,6 @@ def tie_free_global_batches(case: ModelCase, dtype: torch.dtype, world_size: int
                             seed: int = 0, data_seed: int = 123, tries: int = 100) -> torch.Tensor:
     """``global_batches`` from the first data seed (``data_seed`` on) whose micro-batches make no
     near-tie routing decision on the initial weights (in the model's dtype and in float32)."""
-    import autoep
-
     model = case.build(seed=seed, dtype=dtype)
     specs = layouts(autoep.inspect(model, case.block()))
     oracles = [ReferenceModel(model, specs),  # (deep copies)

@@ -21,6 +21,7 @@ from autoep.presets import PRESETS
 from matrix.models import (CASES_BY_ID, DEFAULT_CASES, EXPERTS_CASES, FAMILY_CASES, PLAIN_CASES,
                                 SEED_EXPERTS_CASES, VARIANT_CASES)
 from matrix import profiles
+from matrix.model_case import _load
 
 # Transformers versions the matrix covers (matrix/profiles.py says why each); a profile runs a
 # subset of the cells of a subset of them (``in_profile``).
@@ -426,8 +427,6 @@ def in_matrix(transformers: str) -> bool:
 @functools.lru_cache(maxsize=None)
 def case_available(case_id: str) -> bool:
     """Whether the installed Transformers has the classes a case builds (its config and model class)."""
-    from matrix.model_case import _load
-
     case = CASES_BY_ID[case_id]
     try:
         _load(case.config_class), _load(case.causal_lm_class)
