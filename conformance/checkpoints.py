@@ -113,7 +113,6 @@ def resume_elsewhere(case_id: str, zero_stage: int, source: tuple[int, int], tar
     deepspeed.zero.Init (ZeRO-3)."""
     import os
 
-
     micro_batches = 4
     total = steps_before + steps_after
     setups = {}
@@ -156,7 +155,6 @@ def reload_on_rank(case_id: str, subject_name: str, setup: TrainingSetup, folder
     from the optimizer's fp32 partitions, which would hide a wrong expert file); returns its
     parameters as :func:`conformance.training.train_on_rank` does."""
     import os
-
 
     subject = subject_by_name(subject_name)
     rank_device()  # on CUDA: the math settings the tolerances assume

@@ -82,6 +82,7 @@ def _zero0_expert_parallel_training(record: dict) -> bool:
     different experts (DS-6: DeepSpeed's ZeRO-0 clipping norm; ZeRO-1/2/3 compute it right)."""
     return (str(record["zero_stage"]) == "0" and record.get("autoep_size", 1) > 1
             and record.get("dtype", "float32") == "float32" and record.get("resume") is None
+            and record.get("fault") is None
             and record.get("interop") is None)
 
 
@@ -158,6 +159,17 @@ FINDINGS = [
             None,
             TEST + "test_ds7_qwen3_5_records_probabilities_where_transformers_records_logits",
             judged_without_aux=True),
+    Finding("DS-8", "peer failure", "deepspeed",
+            "DeepSpeed's engine writes a checkpoint tag's files in place and marks nothing complete: a re-save into "
+            "an existing tag that one rank does not finish loads silently as a mix of the two saves (measured, "
+            "ZeRO-2 w2 ep2, rank 1 killed at its first file: every rank's weights from the re-save, rank 1's "
+            "optimizer state and its experts from the first save); plain DeepSpeed without expert parallelism does "
+            "the same, so the cause is DeepSpeed's checkpointing, not its AutoEP",
+            "every version and case where its engine builds (DeepSpeed's code; measured on 5.25.0, deepseek_v3); "
+            "the killed-resave fault cells",
+            lambda r: r.get("fault") == "killed-resave",
+            r"a mix of the two saves",
+            TEST + "test_ds8_a_resave_killed_half_way_loads_as_a_mix_with_or_without_autoep"),
     # TorchTitan 0.3.0's MoE replacement (conformance/titan.py), measured on Transformers 5.24.0.
     Finding("TT-1", "peer failure", "torchtitan",
             "TorchTitan's MoE swaps out the Transformers router module that the output recorder hooks, so no "

@@ -14,6 +14,7 @@ from autoep.presets.survey import installed_families
 from conformance import findings
 from conformance.checkpoints import resume_elsewhere
 from conformance.equivalence import block_equivalence, model_equivalence
+from conformance.faults import FAULTS
 from conformance.interop import run_family
 from conformance.subjects import missing_method_reason, subject_by_name
 from conformance.tolerances import checks_record, set_cuda_numerics
@@ -118,6 +119,8 @@ def _run_equivalence(cell: Cell, subject, device: str = "cpu") -> dict:
         return _run_checkpoint(cell, subject, device)
     if cell.interop is not None:
         return _run_interop(cell, subject)
+    if cell.fault is not None:
+        return _run_fault(cell, subject, device)
     if cell.zero_stage != "none":
         return _run_training(cell, subject, device)
     try:
@@ -169,6 +172,16 @@ def _run_checkpoint(cell: Cell, subject, device: str = "cpu") -> dict:
     except Exception:
         return {"status": "fail", "detail": traceback.format_exc()[-1500:]}
     return checks_record(checks)
+
+
+def _run_fault(cell: Cell, subject, device: str = "cpu") -> dict:
+    """A fault cell: the fault injected, then a load on every rank (conformance/faults.py)."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="autoep-conformance-") as folder:
+            return FAULTS[cell.fault](cell.case, int(cell.zero_stage), cell.world_size, cell.autoep_size, folder,
+                                      subject_name=subject.name, device=device)
+    except Exception:
+        return {"status": "fail", "detail": traceback.format_exc()[-1500:]}
 
 
 def _run_interop(cell: Cell, subject) -> dict:

@@ -272,7 +272,7 @@ def subject_by_name(name: str) -> Subject:
 PROTOCOL = {
     "apply": "one-process, plain-PyTorch expert-parallel, interop and rejection cells",
     "expert_shards": "plain-PyTorch expert-parallel cells and ZeRO cells (which experts a rank holds)",
-    "initialize": "ZeRO cells (DeepSpeed engines) and checkpoint cells",
+    "initialize": "ZeRO cells (DeepSpeed engines), checkpoint cells and fault cells",
     "full_parameters": "ZeRO cells and checkpoint cells (parameters after the steps)",
     "to_universal": "checkpoint cells (Universal conversion, resume on another topology)",
     "unavailable_reason": "every cell (None: the subject can run here)",
@@ -283,6 +283,8 @@ def methods_for(cell) -> tuple[str, ...]:
     """The protocol methods a cell calls on its subject."""
     if cell.interop is not None:
         return ("apply",)
+    if getattr(cell, "fault", None) is not None:
+        return ("initialize",)
     if cell.resume is not None:
         return ("initialize", "full_parameters", "expert_shards", "to_universal")
     if cell.zero_stage != "none":

@@ -91,6 +91,12 @@ EXPERTS_RESUMES = (((4, 2), (2, 1)), ((2, 2), (4, 4)))
 # The experts-level cases taken through the interop families (compile, parameter order, generate,
 # gradient checkpointing, save_pretrained round trip): the default gate and the flag-heaviest one.
 EXPERTS_INTEROP_CASES = ("mixtral@experts", "gpt_oss")
+# Fault cells (conformance/faults.py): a save that one rank does not survive, then a load on every
+# rank: it must be refused on every rank, or restore the last complete save exactly; never a mix of
+# two saves, never a hang. At world 2, autoep_size 2, float32, on the newest version.
+FAULTS = ("killed-resave",)
+FAULT_CELLS = (("mixtral", 0), ("mixtral", 1), ("mixtral", 2), ("mixtral", 3), ("deepseek_v3", 2),
+               ("deepseek_v3", 3), ("mixtral@experts", 2))
 
 
 @dataclass(frozen=True)
@@ -104,19 +110,23 @@ class Cell:
     resume: str | None = None  # checkpoint cells: "w<world>-ep<autoep_size>" resumed on
     interop: str | None = None  # interop cells: the family (INTEROP_FAMILIES)
     build: str | None = None  # "zero-init": the model is built partitioned under deepspeed.zero.Init (ZeRO-3)
+    fault: str | None = None  # fault cells: the fault injected (FAULTS), then a load on every rank
 
     @property
     def id(self) -> str:
         resume = f"->{self.resume}" if self.resume else ""
         interop = f"/interop-{self.interop}" if self.interop else ""
         build = f"/{self.build}" if self.build else ""
+        fault = f"/fault-{self.fault}" if self.fault else ""
         return (f"tf{self.transformers}/{self.case}/zero-{self.zero_stage}/w{self.world_size}"
-                f"-ep{self.autoep_size}{resume}{interop}{build}/{self.dtype}")
+                f"-ep{self.autoep_size}{resume}{interop}{build}{fault}/{self.dtype}")
 
     @property
     def topology(self) -> str:
         if self.interop:
             return f"interop {self.interop}"
+        if self.fault:
+            return f"zero-{self.zero_stage} w{self.world_size} ep{self.autoep_size} fault {self.fault}"
         resume = f" -> {self.resume.replace('-', ' ')} (checkpoint)" if self.resume else ""
         build = f" ({self.build})" if self.build else ""
         return f"zero-{self.zero_stage} w{self.world_size} ep{self.autoep_size}{resume}{build}"
@@ -175,6 +185,8 @@ def cells() -> list[Cell]:
         result += _experts_level_cells(version)
         if version == DEFAULT_TRANSFORMERS:
             result += _zero_init_cells(version)
+            result += [Cell(version, case_id, stage, 2, 2, "float32", fault=fault)
+                       for fault in FAULTS for case_id, stage in FAULT_CELLS]
     return result
 
 
@@ -245,12 +257,14 @@ def default_matrix(transformers: str) -> list[Cell]:
 # measures the kills).
 
 def _one_process(cell: Cell) -> bool:
-    return cell.zero_stage == "none" and cell.world_size == 1 and cell.resume is None and cell.interop is None
+    return cell.zero_stage == "none" and cell.world_size == 1 and cell.resume is None and cell.interop is None \
+        and cell.fault is None
 
 
-def _is(cell: Cell, stage, world: int, ep: int, resume: str | None = None, build: str | None = None) -> bool:
-    return (cell.zero_stage, cell.world_size, cell.autoep_size, cell.resume, cell.build) == (
-        stage, world, ep, resume, build) and cell.interop is None
+def _is(cell: Cell, stage, world: int, ep: int, resume: str | None = None, build: str | None = None,
+        fault: str | None = None) -> bool:
+    return (cell.zero_stage, cell.world_size, cell.autoep_size, cell.resume, cell.build, cell.fault) == (
+        stage, world, ep, resume, build, fault) and cell.interop is None
 
 
 def _experts_level(cell: Cell) -> bool:
@@ -278,7 +292,10 @@ def _smoke(cell: Cell) -> bool:
     where the parallel bugs live: EP forward/backward, EDP and replica reductions under ZeRO-0,
     ZeRO-3 partitioning, and a ZeRO-1 and a ZeRO-3 Universal resume; ZeRO-0 bf16 under EP. Of the
     table's families beyond the seed's presets: each family's default case (variants in full); every
-    experts-level and plain-module case on one process in float32."""
+    experts-level and plain-module case on one process in float32. One fault cell: Mixtral's killed
+    re-save under ZeRO-2."""
+    if cell.fault is not None:
+        return cell.case == "mixtral" and cell.zero_stage == 2
     if _experts_level(cell):
         return _one_process(cell) and cell.dtype == "float32"
     if cell.build == ZERO_INIT:
@@ -307,7 +324,10 @@ def _version_sensitive(cell: Cell) -> bool:
     Mixtral), the engine's view of every family (ZeRO-2), a Universal resume. A family of the table
     beyond the seed's presets: its default case on one process in float32 (its variants and bf16 on
     the newest only: the dtype paths are the layer's, not the Transformers minor's). Experts-level
-    cases: on one process in float32."""
+    cases: on one process in float32. The fault cells run on the newest only (what they prove is the
+    subject's save and load, not a Transformers minor's)."""
+    if cell.fault is not None:
+        return False
     if _experts_level(cell):
         return _one_process(cell) and cell.dtype == "float32"
     if cell.case in FAMILY_CASE_IDS:
@@ -351,7 +371,10 @@ def _default(cell: Cell) -> bool:
     other family under ZeRO-1/2/3 and in one resume, bf16 under ZeRO, every interop family. Of the
     table's families beyond the seed's presets: each family's default case on one process in both
     dtypes, and the representative of each routing kind no seed preset has on EP (w4 ep2). Experts-level
-    cases: :func:`_experts_level_default`."""
+    cases: :func:`_experts_level_default`. Fault cells: a killed re-save of Mixtral (ZeRO-2, ZeRO-3),
+    DeepSeek-V3 (ZeRO-2) and Mixtral at the experts level (ZeRO-2)."""
+    if cell.fault is not None:
+        return cell.zero_stage in (2, 3) and (cell.case == "mixtral" or cell.zero_stage == 2)
     if _experts_level(cell):
         return _experts_level_default(cell)
     if cell.build == ZERO_INIT:  # fp32 at ep 2 for both cases, the seed preset's bf16, and one resume
@@ -386,7 +409,10 @@ def _peer_default(cell: Cell) -> bool:
     interop: for a peer that runs without DeepSpeed), and under DeepSpeed where its documentation
     says it is right (DeepSeek-V3 through every ZeRO stage x autoep_size and the two Universal
     resumes) plus each class of finding once per family (ZeRO-2, a ZeRO-3 resume). A peer's
-    ``unavailable_reason`` turns the cells it cannot run into skipped records with the reason."""
+    ``unavailable_reason`` turns the cells it cannot run into skipped records with the reason. Fault
+    cells: in full."""
+    if cell.fault is not None:
+        return False
     if cell.zero_stage == "none" or cell.case in FAMILY_CASE_IDS or _experts_level(cell):  # (ZeRO in full)
         return _default(cell)
     if cell.dtype != "float32":
@@ -460,6 +486,8 @@ def relative_cost(cell: Cell) -> float:
     process 0.3-5 s, a 4-rank ZeRO cell 3-10 s, a Universal resume 6-8 s, a compile 10-30 s);
     for the time-left estimate and cheapest-first orders."""
     bf16 = cell.dtype == "bfloat16"
+    if cell.fault is not None:  # two launches (train, save, the killed re-save; the loads)
+        return 12.0
     if cell.interop is not None:
         return (12.0 if bf16 else 20.0) if cell.interop == "compile" else 1.0
     if cell.resume is not None:

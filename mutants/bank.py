@@ -68,8 +68,8 @@ def _renormalize_from_config(cell) -> bool:
 
 
 def equivalence_cell(cell) -> bool:
-    """A forward/backward or training cell (not a checkpoint or interop cell)."""
-    return cell.resume is None and cell.interop is None
+    """A forward/backward or training cell (not a checkpoint, interop or fault cell)."""
+    return cell.resume is None and cell.interop is None and cell.fault is None
 
 
 def block_equivalence_cell(cell) -> bool:
@@ -79,6 +79,10 @@ def block_equivalence_cell(cell) -> bool:
 
 def checkpoint_cell(cell) -> bool:
     return cell.resume is not None
+
+
+def fault_cell(cell) -> bool:
+    return cell.fault is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,12 +647,42 @@ class Zero3SharedStepAfterLoad(Mutant):
         engine.load_checkpoint = load_checkpoint
 
 
+class SaveNotATransaction(Mutant):
+    id = "save_not_a_transaction"
+    description = ("a save marks the tag's record complete (without checksums) before writing its files, as "
+                   "AutoEP did before issue 24: a re-save killed half-way loads as a mix of two saves")
+    source = "AutoEP before issue 24 (item 1: global_steps 2 with Adam step 1 after a killed re-save)"
+
+    def active(self, cell):
+        return fault_cell(cell) and cell.fault == "killed-resave"
+
+    def plant_engine(self, engine):
+        original = engine.save_checkpoint
+
+        def save_checkpoint(*args, **kwargs):
+            from autoep import checkpoint
+
+            write_topology = checkpoint.write_topology
+
+            def complete_at_once(folder, topology):
+                write_topology(folder, dataclasses.replace(topology, state="complete"))
+
+            checkpoint.write_topology = complete_at_once
+            try:
+                return original(*args, **kwargs)
+            finally:
+                checkpoint.write_topology = write_topology
+
+        engine.save_checkpoint = save_checkpoint
+
+
 BANK: list[Mutant] = [cls() for cls in (
     ExpertGradScaledByEP, CorrectionBiasDropped, UniversalMomentsLost, RouterWrongAfterZero3Partitioning,
     RouterGradWrongLossRight, MissingGradContributions, EDPNotReduced, RouterReplicasDrift, ClipNormMeanOfLocalNorms,
     LowPrecisionClipIgnoresExperts, PaddingRowsLeak, CapacityTokenDrop, GroupLimitedAsGreedy, RoutedScalingNotApplied, NormTopkPolarity,
     RouterLogitsSlotSwapped, ExpertsWrongOrderOnRank, OnlyEPRank0ExpertsSaved, Zero3SharedStepAfterLoad,
-    ExpertBiasesDropped, InterleavedReadAsConcatenated, PostExpertNormSkipped, WrongSliceFromGatheredBlock)]
+    ExpertBiasesDropped, InterleavedReadAsConcatenated, PostExpertNormSkipped, WrongSliceFromGatheredBlock,
+    SaveNotATransaction)]
 BY_ID: dict[str, Mutant] = {mutant.id: mutant for mutant in BANK}
 
 

@@ -332,3 +332,20 @@ def test_a_deepspeed_setting_autoep_cannot_run_is_refused_before_anything_change
     with pytest.raises(AutoEPConfigError, match=message):
         autoep.initialize(model=model, config=config)
     assert snapshot.unchanged(model)
+
+
+# ---- the conformance fault cell -------------------------------------------------------------------
+
+def test_the_killed_resave_cell_passes_autoep_and_fails_a_save_that_is_not_a_transaction():
+    """conformance/faults.py on Mixtral ZeRO-2 w2 ep2: AutoEP's load is refused on every rank; the
+    mutant whose record says complete before the files are written loads a mix of the two saves."""
+    from conformance.runner import run_cell
+    from matrix.cells import Cell
+    from matrix.profiles import NEWEST
+
+    cell = Cell(NEWEST, "mixtral", 2, 2, 2, "float32", fault="killed-resave")
+    record = run_cell(cell, "autoep")
+    assert record["status"] == "pass" and "every rank refused the load" in record["detail"], record
+    assert "incomplete save" in record["detail"], record
+    mutated = run_cell(cell, "mutants.bank:save_not_a_transaction")
+    assert mutated["status"] == "fail" and "a mix of the two saves" in mutated["detail"], mutated

@@ -403,3 +403,28 @@ def test_ds6_labels_only_zero0_expert_parallel_training_cells():
     assert classify(record(resume="w2-ep1")) is None  # checkpoint cells: not measured
     assert classify(record(detail="Traceback ...\nRuntimeError: x")) is None  # something raised
     assert classify(record(subject="autoep")) is None
+
+
+# --- DS-8: a re-save killed half-way loads as a mix of two saves ------------------------------
+
+def test_ds8_a_resave_killed_half_way_loads_as_a_mix_with_or_without_autoep(tmp_path):
+    """The killed-resave fault (conformance/faults.py) on DeepSpeed's AutoEP (DeepSeek-V3, ZeRO-2 w2 ep2)
+    and on plain DeepSpeed without expert parallelism (Mixtral, dense experts): both loads succeed with
+    every rank's weights from the re-save and rank 1's optimizer state from the first save."""
+    from conformance.faults import killed_resave
+
+    _needs_peer()
+    runs = {"deepspeed": ("deepseek_v3", 2), "conformance.subjects:PLAIN_DEEPSPEED": ("mixtral", 1)}
+    for subject, (case, autoep_size) in runs.items():
+        result = killed_resave(case, 2, 2, autoep_size, str(tmp_path / subject.replace(":", "-")),
+                               subject_name=subject)
+        assert result["status"] == "fail" and "a mix of the two saves" in result["detail"], (subject, result)
+        counts = re.search(r"rank 0: (\d+) of (\d+) live tensors, (\d+) of (\d+) optimizer tensors differ; "
+                           r"rank 1: (\d+) of \d+ live tensors, (\d+) of \d+ optimizer", result["detail"])
+        live0, live, optimizer0, optimizer, live1, optimizer1 = map(int, counts.groups())
+        assert live0 == live and optimizer0 == optimizer, result  # rank 0: everything from the re-save
+        assert live1 > 0 and optimizer1 == 0, result  # rank 1: the re-save's weights, the first save's optimizer
+        record = {"subject": "deepspeed", "status": "fail", "fault": "killed-resave", "transformers": "5.25.0",
+                  "case": case, "zero_stage": 2, "world_size": 2, "autoep_size": autoep_size, "dtype": "float32",
+                  "resume": None, "interop": None, "detail": result["detail"]}
+        assert classify(record).id == "DS-8"
