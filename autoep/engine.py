@@ -206,6 +206,12 @@ def _validate_unverified(ds_config: Mapping, zero: Mapping, sequence: int) -> No
     if fp16:
         _reject("fp16.enabled", True, "AutoEP is verified in float32 and bf16; fp16 (loss scaling) is not"
                 + (" (and bf16.enabled is true too)" if bf16 else ""), "use \"bf16\": {\"enabled\": true}")
+    if "moe" in ds_config:
+        # DeepSpeed reads no top-level "moe" key (its MoE is configured in code, and AutoEP by "expert_parallel"):
+        # a user who wrote one expects it to take effect, and DeepSpeed would ignore it without a word.
+        _reject("moe", ds_config["moe"], "DeepSpeed has no top-level \"moe\" setting and would ignore it; AutoEP is "
+                "configured by the \"expert_parallel\" block", "move its settings into \"expert_parallel\" or "
+                "remove the key")
     stages = _setting(_section(ds_config, "pipeline"), "pipeline.stages", 1, "int") if "pipeline" in ds_config else 1
     if stages > 1:
         _reject("pipeline.stages", stages, "AutoEP does not support pipeline parallelism", "set it to 1")

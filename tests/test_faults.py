@@ -316,6 +316,7 @@ CONFLICTS = {
     "grad-accum-dtype": ({"data_types": {"grad_accum_dtype": "bf16"}}, "data_types.grad_accum_dtype='bf16'"),
     "expert-tensor-parallel": ({"expert_parallel": {"enabled": True, "expert_tensor_parallel_size": 2}},
                                "expert_tensor_parallel_size=2"),
+    "top-level-moe": ({"moe": {"enabled": True, "ep_size": 2}}, "moe=.*DeepSpeed has no top-level \"moe\" setting"),
 }
 
 
