@@ -2,7 +2,8 @@
 
     nox -s conformance   the default matrix profile, one session per Transformers version of the
                          profile (`-- --profile smoke|default|full`; matrix/profiles.py;
-                         `-- --device cuda`: on the visible GPUs, one per rank, NCCL)
+                         `-- --device cuda`: on the visible GPUs, one per rank, NCCL): autoep, then
+                         the peers deepspeed and (on CPU) transformers_ep, into one report
     nox -s tests         the unit tests (newest pinned Transformers)
     nox -s findings      each DeepSpeed finding reproduced on every 5.x version of the full profile
     nox -s titan         TorchTitan's MoE replacement as a subject (opt-in; its own pinned dependencies)
@@ -25,7 +26,7 @@ from matrix.profiles import DEFAULT_PROFILE, FULL_VERSIONS, NEWEST, PROFILES, ve
 TORCH = "torch==2.13.0"
 DEEPSPEED = "deepspeed==0.19.8"
 MATPLOTLIB = "matplotlib==3.11.2"  # the report's heat-maps
-ACCELERATE = "accelerate==1.15.0"  # Transformers' from_pretrained(distributed_config=...) needs it (the bench's peer)
+ACCELERATE = "accelerate==1.15.0"  # Transformers' from_pretrained(distributed_config=...) needs it (transformers_ep)
 
 nox.options.sessions = ["conformance"]
 nox.options.reuse_existing_virtualenvs = True
@@ -78,7 +79,7 @@ def conformance(session, transformers):
     if transformers not in versions(profile):
         session.skip(f"Transformers {transformers} is not in profile {profile!r} (`-- --profile full` runs it)")
     _install(session, transformers)
-    session.install(TORCH, MATPLOTLIB)
+    session.install(TORCH, MATPLOTLIB, ACCELERATE)
     session.env["PYTHONPATH"] = "."
     if _option(args, "--device", "cpu") == "cuda":  # DeepSpeed's accelerator here; the launcher sets every rank's from the device
         session.env["DS_ACCELERATOR"] = "cuda"
@@ -90,6 +91,10 @@ def conformance(session, transformers):
         # status depends on the subjects under test only). With `-- --subject X` only X runs.
         session.run("python", "-m", "conformance", "run", "--subject", "deepspeed", "--profile", profile, *args,
                     success_codes=[0, 1])
+        # Transformers' own expert parallelism (DistributedConfig(ep_size=...)): findings HF-n, on CPU.
+        if _option(args, "--device", "cpu") == "cpu":
+            session.run("python", "-m", "conformance", "run", "--subject", "transformers_ep", "--profile", profile,
+                        *args, success_codes=[0, 1])
     out = _option(args, "--out")
     session.run("python", "-m", "conformance", "report", "--profile", profile, *(["--out", out] if out else []))
 

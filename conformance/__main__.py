@@ -9,7 +9,7 @@ run     run the cells of the profile (matrix/profiles.py, matrix.cells.in_profil
 report  rebuild the profile's report from its parts: conformance-report.json, .md (grid, findings
         table, mutant kill rate from mutants-report.json when present), .xml (JUnit) and
         conformance-report-<subject>.png (heat-map per subject)
---subject: a registered subject (autoep, deepspeed, torchtitan) or 'package.module:attribute' naming your
+--subject: a registered subject (autoep, deepspeed, torchtitan, transformers_ep) or 'package.module:attribute' naming your
         own implementation (conformance/SUBJECTS.md); a subject without a method a cell calls gets that
         cell marked not applicable, naming the method.
 Exit status: 1 if any cell of a subject under test (not a peer: autoep, or an outside subject) failed, else 0.

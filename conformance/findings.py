@@ -226,6 +226,17 @@ FINDINGS = [
             lambda r: r["subject"] == "torchtitan" and r.get("interop") == "hf_roundtrip",
             r"model\.save_pretrained: weight \S+ vs the stock model",
             TITAN_TEST + "test_tt6_and_tt7_titan_names_break_stock_optimizer_state_and_save_pretrained"),
+    # Transformers' own expert parallelism (conformance/transformers_ep.py), measured on Transformers 5.25.0.
+    Finding("HF-1", "peer failure", "transformers_ep",
+            "from_pretrained, the entry point of Transformers' EP, sets the skip-class entry of every ZAYA router's "
+            "balancing_biases back to -1.0 after loading the checkpoint (ZayaPreTrainedModel._init_weights assigns "
+            "balancing_biases[-1] unguarded, marked 'trf-ignore: TRF012'): a saved value there is lost and tokens "
+            "route differently (the ZAYA case holds a small random value there: logits off by 0.61)",
+            "Transformers 5.24.0 and later (ZAYA's first release); zaya cases (any export loaded with "
+            "from_pretrained meets it, autoep's included)",
+            lambda r: r["subject"] == "transformers_ep" and r["case"].startswith("zaya"),
+            None,
+            TEST + "test_hf1_zaya_from_pretrained_resets_the_skip_class_balancing_bias"),
 ]
 FINDINGS_BY_ID = {finding.id: finding for finding in FINDINGS}
 

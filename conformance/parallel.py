@@ -72,9 +72,27 @@ def gradient_sums(grads_per_rank: list[dict], shards_per_rank: list[dict]) -> di
     return sums
 
 
-def reduce_like_an_engine(rank_outputs: list[dict]) -> dict[str, torch.Tensor]:
+def reduced_gradients_agree(grads_per_rank: list[dict]) -> dict[str, torch.Tensor]:
+    """For a subject that reduces its gradients itself (``gradients = "reduced"``: every rank
+    reports each parameter's reduced gradient as a full tensor, conformance/SUBJECTS.md): every
+    rank's must be the same tensors, bit for bit (one gathered result); rank 0's are returned."""
+    first = grads_per_rank[0]
+    for rank, grads in enumerate(grads_per_rank[1:], start=1):
+        if grads.keys() != first.keys():
+            raise AssertionError(f"rank {rank} reports gradients of other parameters than rank 0: "
+                                 f"{sorted(grads.keys() ^ first.keys())[:4]}")
+        for name, grad in grads.items():
+            if (grad is None) != (first[name] is None) or (grad is not None and not torch.equal(grad, first[name])):
+                raise AssertionError(f"{name}: rank {rank}'s reduced gradient differs from rank 0's")
+    return first
+
+
+def reduce_like_an_engine(rank_outputs: list[dict], subject=None) -> dict[str, torch.Tensor]:
     """Full gradients of the global-batch mean loss from every rank's local ones: the
-    gradient sums over holders divided by W (see the module docstring)."""
+    gradient sums over holders divided by W (see the module docstring). A subject whose ranks
+    report reduced gradients (``gradients = "reduced"``) is taken at its word once its ranks agree."""
+    if getattr(subject, "gradients", "local") == "reduced":
+        return reduced_gradients_agree([output["run"].grads for output in rank_outputs])
     world = len(rank_outputs)
     sums = gradient_sums([output["run"].grads for output in rank_outputs],
                          [output["expert_shards"] for output in rank_outputs])
@@ -93,7 +111,7 @@ def run_subject_on_ranks(case: ModelCase, subject, dtype: torch.dtype, seed: int
     runs = [output["run"] for output in outputs]
     aux = None if runs[0].aux_loss is None else torch.cat([run.aux_loss for run in runs])
     return RunOutput(torch.cat([run.logits for run in runs]), torch.stack([run.loss for run in runs]).mean(), aux,
-                     reduce_like_an_engine(outputs))
+                     reduce_like_an_engine(outputs, subject))
 
 
 class WireMeter:

@@ -52,9 +52,10 @@ def run_model(model, input_ids, reference: bool = False, micro_batches: int = 1)
         auxes.append(None if aux is None else aux.detach().reshape(1))
     dtypes = {name: param.dtype for name, param in named}
     grads = {name: (total / micro_batches).to(dtypes[name]).cpu() for name, total in sums.items()}
-    # A subject that renames parameters (TorchTitan) carries the mapping back to the Transformers names.
+    # A subject whose gradients are not the stock model's tensors carries the way back to them: TorchTitan
+    # renames parameters; Transformers' EP holds DTensor shards (gathered to full tensors, collective).
     grad_terms = terms if micro_batches > 1 else None
-    if (rename := getattr(model, "conformance_transformers_names", None)) is not None:
+    if (rename := getattr(model, "conformance_stock_gradients", None)) is not None:
         grads, grad_terms = rename(grads), None
     aux_loss = None if auxes[0] is None else torch.cat(auxes).cpu()
     return RunOutput(torch.cat(logits).cpu(), torch.stack(losses).mean().cpu(), aux_loss, grads, grad_terms)

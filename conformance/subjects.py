@@ -228,9 +228,10 @@ class DeepSpeedBuiltinSubject:
 # TorchTitan's MoE replacement (conformance/titan.py) is registered always and imports torchtitan
 # only when used; where it is not installed its unavailable_reason says to run `nox -s titan`.
 from conformance.titan import TorchTitanSubject  # noqa: E402
+from conformance.transformers_ep import TransformersEPSubject  # noqa: E402
 
 SUBJECTS: dict[str, Subject] = {"autoep": AutoEPSubject(), "deepspeed": DeepSpeedBuiltinSubject(),
-                                "torchtitan": TorchTitanSubject()}
+                                "torchtitan": TorchTitanSubject(), "transformers_ep": TransformersEPSubject()}
 
 
 def unknown_subject_message(name: str, why: str = "") -> str:

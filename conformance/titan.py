@@ -220,7 +220,7 @@ class TorchTitanSubject:
                 if getattr(layer, "moe_enabled", False):
                     layer.mlp.parallelize(parallel_dims)
         model.conformance_specs = specs
-        model.conformance_transformers_names = functools.partial(_to_transformers_names, specs, expert_names())
+        model.conformance_stock_gradients = functools.partial(_to_transformers_names, specs, expert_names())
         return model
 
     def expert_shards(self, model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -245,8 +245,8 @@ class TorchTitanSubject:
 
 def transformers_grads(model: nn.Module, grads: dict) -> dict:
     """``grads`` under the Transformers names when the model carries a subject's mapping
-    (``conformance_transformers_names``), else as they are."""
-    rename = getattr(model, "conformance_transformers_names", None)
+    (``conformance_stock_gradients``), else as they are."""
+    rename = getattr(model, "conformance_stock_gradients", None)
     return grads if rename is None else rename(grads)
 
 

@@ -428,3 +428,33 @@ def test_ds8_a_resave_killed_half_way_loads_as_a_mix_with_or_without_autoep(tmp_
                   "case": case, "zero_stage": 2, "world_size": 2, "autoep_size": autoep_size, "dtype": "float32",
                   "resume": None, "interop": None, "detail": result["detail"]}
         assert classify(record).id == "DS-8"
+
+
+# --- HF-1: ZAYA's skip-class balancing bias is reset by from_pretrained ------------------------
+
+@pytest.mark.skipif(TRANSFORMERS < Version("5.24"), reason="ZAYA is in Transformers 5.24 and later")
+def test_hf1_zaya_from_pretrained_resets_the_skip_class_balancing_bias(tmp_path):
+    """save_pretrained writes every router's balancing_biases; from_pretrained (plain, and so also with a
+    DistributedConfig) loads them and then sets the last entry back to -1.0: the rest is the saved value."""
+    from conformance.equivalence import batch
+
+    model = CASES_BY_ID["zaya"].build(seed=0, dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path, dtype=torch.float32,
+                                         attn_implementation=model.config._attn_implementation)
+    saved = {name: b for name, b in model.named_buffers() if name.endswith("balancing_biases")}
+    assert saved, "the ZAYA case has no router balancing_biases"
+    for name, value in saved.items():
+        after = dict(loaded.named_buffers())[name]
+        assert float(value[-1]) != -1.0, name  # the case's value, which the load should keep
+        assert torch.equal(after[:-1], value[:-1]) and float(after[-1]) == -1.0, (name, value, after)
+    others = {name: p for name, p in loaded.state_dict().items() if not name.endswith("balancing_biases")}
+    assert all(torch.equal(p, model.state_dict()[name]) for name, p in others.items())
+    ids = batch(model.config.vocab_size, 7)
+    with torch.no_grad():
+        apart = float((loaded(input_ids=ids).logits - model(input_ids=ids).logits).abs().max())
+    assert apart > 0.1, apart  # a different routing, not rounding
+    record = {"subject": "transformers_ep", "status": "fail", "transformers": transformers.__version__,
+              "case": "zaya", "zero_stage": "none", "resume": None, "interop": None, "dtype": "float32",
+              "detail": "subject~reference: logits: max|diff|=0.61 (OUT OF TOLERANCE)"}
+    assert classify(record).id == "HF-1"
