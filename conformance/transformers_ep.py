@@ -18,7 +18,8 @@ takes them as they are, instead of reducing local ones itself (conformance/paral
 
 Which cells: the families whose config class has an expert-parallel plan in the installed
 Transformers (``base_model_ep_plan``), built from a Transformers config (``from_pretrained``
-needs a Transformers class); one-process, plain-PyTorch EP and interop cells. It has no
+needs a Transformers class); plain-PyTorch EP cells in both dtypes, and on one process (where it is the
+stock model, loaded again) each family's default case and the interop cells in float32. It has no
 DeepSpeed path: ZeRO, checkpoint and fault cells are not its job. Its failures are findings
 (``HF-n``, conformance/findings.py), each cause reproduced by tests/test_findings.py.
 """
@@ -31,12 +32,19 @@ import tempfile
 
 from torch import nn
 
-from matrix.cells import PLAIN_CASE_IDS, expected
+from matrix.cells import FAMILY_DEFAULT_CASES, PLAIN_CASE_IDS, expected
+from matrix.experts_cases import EXPERTS_CASES
 from matrix.model_case import make_config
-from matrix.models import CASES_BY_ID
+from matrix.models import CASES_BY_ID, DEFAULT_CASES
 
 NO_DEEPSPEED = ("Transformers' expert parallelism runs under its own FSDP2 (DistributedConfig), not under "
                 "DeepSpeed: ZeRO, checkpoint and fault cells are not its job")
+# On one process DistributedConfig builds no mesh: a cell judges Transformers' load path of the stock model
+# (save_pretrained, from_pretrained), once per family, in float32; variants and bf16 would judge it again.
+LOAD_PATH_CASES = frozenset([case.id for case in DEFAULT_CASES] + list(FAMILY_DEFAULT_CASES) +
+                            [case.id for case in EXPERTS_CASES])
+ONE_PROCESS_AGAIN = ("one process: DistributedConfig builds no mesh, so this cell would judge the stock model's load path "
+                     "once more; it is judged on each family's default case in float32")
 PLAIN_MODULES = "a model of plain nn.Modules: from_pretrained (Transformers' EP entry point) needs a Transformers class"
 
 
@@ -112,6 +120,9 @@ class TransformersEPSubject:
         if (expectation := expected(cell)).outcome == "rejected":
             return (f"the cell expects autoep's refusal ({expectation.reason}); Transformers' EP is judged on the "
                     f"models it runs")
+        if cell.world_size == 1 and (cell.dtype != "float32" or
+                                     (cell.interop is None and cell.case not in LOAD_PATH_CASES)):
+            return ONE_PROCESS_AGAIN
         if cell.world_size % cell.autoep_size:
             return f"ep_size {cell.autoep_size} must divide fsdp_size * tp_size = {cell.world_size} (DistributedConfig)"
         try:

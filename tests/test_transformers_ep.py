@@ -10,7 +10,7 @@ from conformance.parallel import reduce_like_an_engine, reduced_gradients_agree
 from conformance.runner import run_cell
 from conformance.runs import RunOutput
 from conformance.subjects import SUBJECTS
-from conformance.transformers_ep import NO_DEEPSPEED, PLAIN_MODULES, ep_plan
+from conformance.transformers_ep import NO_DEEPSPEED, ONE_PROCESS_AGAIN, PLAIN_MODULES, ep_plan
 from matrix.cells import profile_matrix
 from matrix.models import CASES_BY_ID
 from matrix.profiles import NEWEST
@@ -64,6 +64,9 @@ def test_cells_it_takes_and_the_reason_for_each_it_does_not():
     for cell_id in ("mixtral/zero-none/w4-ep2/float32", "mixtral/zero-none/w1-ep1/interop-hf_roundtrip/float32",
                     "qwen3_moe/zero-none/w1-ep1/float32"):
         assert SUBJECT.not_applicable_reason(cells[f"tf{NEWEST}/{cell_id}"]) is None, cell_id
+    for cell_id in ("mixtral-top1/zero-none/w1-ep1/float32", "mixtral/zero-none/w1-ep1/bfloat16",
+                    "mixtral@experts/zero-none/w1-ep1/float32"):  # the stock model's load path again
+        assert SUBJECT.not_applicable_reason(cells[f"tf{NEWEST}/{cell_id}"]) == ONE_PROCESS_AGAIN, cell_id
 
 
 def test_expert_parallel_cells_one_after_another_on_the_shared_ranks():
@@ -88,3 +91,38 @@ def test_the_model_keeps_the_mode_it_was_given():
         assert SUBJECT.apply(model, case.block()).training is training
     record = run_cell(_cells()[f"tf{NEWEST}/phimoe/zero-none/w1-ep1/float32"], "transformers_ep")
     assert record["status"] == "pass", record.get("detail")
+
+
+def test_a_peer_that_cannot_run_here_records_its_cells_skipped_and_exits_0(tmp_path, monkeypatch, capsys):
+    """As transformers_ep on a Transformers whose DistributedConfig has no ep_size (4.57.6): the run goes on,
+    every cell it would take is recorded skipped with the reason (a subject under test still exits 2)."""
+    import json
+    import sys
+
+    from conformance.__main__ import main
+
+    (tmp_path / "absent_peer.py").write_text(
+        "class AbsentPeer:\n"
+        "    name = 'absent_peer:AbsentPeer'\n"
+        "    is_peer = True\n"
+        "    def unavailable_reason(self, cell=None):\n"
+        "        return 'not installed here'\n"
+        "    def apply(self, model, block):\n"
+        "        raise AssertionError('never called')\n"
+        "    def expert_shards(self, model):\n"
+        "        return {}\n"
+        "class AbsentUnderTest(AbsentPeer):\n"
+        "    name = 'absent_peer:AbsentUnderTest'\n"
+        "    is_peer = False\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    assert main(["run", "--subject", "absent_peer:AbsentPeer", "--profile", "smoke", "--case", "mixtral-top1",
+                 "--out", str(out)]) == 0
+    assert "its cells are recorded skipped" in capsys.readouterr().out
+    part = json.loads(next((out / "conformance-report" / "smoke").glob("*absent_peer*.json")).read_text())
+    records = part["records"] if isinstance(part, dict) else part
+    assert records and {r["status"] for r in records} == {"skipped"}
+    assert all(r["reason"] == "not installed here" for r in records)
+    assert main(["run", "--subject", "absent_peer:AbsentUnderTest", "--profile", "smoke", "--case", "mixtral-top1",
+                 "--out", str(out)]) == 2
+    del sys.modules["absent_peer"]
