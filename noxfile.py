@@ -86,7 +86,9 @@ def conformance(session, transformers):
     # Exit 1 means a cell of the subject under test failed (in the merged report): the peer still runs
     # on this version, and the verdict is taken once both are in the report (the `report` step below).
     session.run("python", "-m", "conformance", "run", "--profile", profile, *args, success_codes=[0, 1])
-    if _option(args, "--subject") is None:
+    # On Transformers 4.x every cell is autoep's documented rejection (measured: all 100 cells of each peer
+    # not applicable), so the peers are not started there.
+    if _option(args, "--subject") is None and not transformers.startswith("4."):
         # DeepSpeed's built-in AutoEP on its cells of the profile: findings about that peer (the exit
         # status depends on the subjects under test only). With `-- --subject X` only X runs.
         session.run("python", "-m", "conformance", "run", "--subject", "deepspeed", "--profile", profile, *args,
