@@ -237,6 +237,16 @@ FINDINGS = [
             lambda r: r["subject"] == "transformers_ep" and r["case"].startswith("zaya"),
             None,
             TEST + "test_hf1_zaya_from_pretrained_resets_the_skip_class_balancing_bias"),
+    Finding("HF-2", "peer failure", "transformers_ep",
+            "where ep_size equals fsdp_size * tp_size (every expert whole on one rank), the expert gradients come "
+            "out divided by the world size once too often: 1/W of the global-batch gradient (0.5 at 2 ranks, "
+            "0.25 at 4 ranks with ep 4; the dense gradients and ep 2 of 4 ranks are right; fixed in 5.23.0)",
+            "Transformers 5.20.2 and 5.22.2 (observed; 5.23.0 and later right); plain-PyTorch EP cells with autoep_size == "
+            "world size",
+            lambda r: r["subject"] == "transformers_ep" and Version("5.20") <= _version(r) < Version("5.23")
+            and r.get("world_size", 1) > 1 and r.get("autoep_size") == r.get("world_size"),
+            r"grad \S+experts\.\S+: max\|diff\|",
+            TEST + "test_hf2_expert_gradients_are_divided_by_the_world_size_once_too_often_at_ep_equal_world"),
 ]
 FINDINGS_BY_ID = {finding.id: finding for finding in FINDINGS}
 

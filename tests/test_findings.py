@@ -458,3 +458,38 @@ def test_hf1_zaya_from_pretrained_resets_the_skip_class_balancing_bias(tmp_path)
               "case": "zaya", "zero_stage": "none", "resume": None, "interop": None, "dtype": "float32",
               "detail": "subject~reference: logits: max|diff|=0.61 (OUT OF TOLERANCE)"}
     assert classify(record).id == "HF-1"
+
+
+# --- HF-2: Transformers 5.22's EP divides expert gradients by the world size once too often -----
+
+@pytest.mark.skipif(not Version("5.20") <= TRANSFORMERS < Version("5.23"),
+                    reason="HF-2 is on Transformers 5.20-5.22 (5.23.0 and later compute the expert gradients right)")
+@pytest.mark.parametrize("world,ep,expert_ratio", [(2, 2, 0.5), (4, 4, 0.25), (4, 2, 1.0)])
+def test_hf2_expert_gradients_are_divided_by_the_world_size_once_too_often_at_ep_equal_world(world, ep, expert_ratio):
+    """Transformers' EP against the single-process gradient of the same global batch: every dense gradient
+    right; the expert gradients 1/W of it where every expert lives whole on one rank (ep == world), right at
+    ep 2 of 4 ranks (each expert on two ranks, FSDP-sharded)."""
+    from conformance.equivalence import batch
+    from conformance.parallel import run_subject_on_ranks
+    from conformance.runs import run_model
+
+    subject = SUBJECTS["transformers_ep"]
+    if (why := subject.unavailable_reason()) is not None:
+        pytest.skip(why)
+    case = CASES_BY_ID["mixtral"]
+    stock = case.build(seed=0, dtype=torch.float32)
+    ids = batch(stock.config.vocab_size, 7, shape=(world, 8))
+    want = run_model(stock, ids, micro_batches=world)
+    got = run_subject_on_ranks(case, subject, torch.float32, 0, case.block(), ids, world, ep)
+    for name, grad in got.grads.items():
+        ratio = float(grad.double().norm() / want.grads[name].double().norm())
+        expected = expert_ratio if ".experts." in name else 1.0
+        assert abs(ratio - expected) < 1e-4, (name, ratio, expected)
+        assert torch.allclose(grad.double(), expected * want.grads[name].double(), rtol=1e-4, atol=1e-6), name
+    if expert_ratio != 1.0:
+        record = {"subject": "transformers_ep", "status": "fail", "transformers": transformers.__version__,
+                  "case": "mixtral", "zero_stage": "none", "resume": None, "interop": None, "dtype": "float32",
+                  "world_size": world, "autoep_size": ep,
+                  "detail": "subject~reference: grad model.layers.0.mlp.experts.down_proj: max|diff|=0.0774 (OUT OF "
+                            "TOLERANCE)"}
+        assert classify(record).id == "HF-2"
