@@ -5,7 +5,7 @@
                          `-- --device cuda`: on the visible GPUs, one per rank, NCCL): autoep, then
                          the peers deepspeed and (on CPU) transformers_ep, into one report
     nox -s tests         the unit tests (newest pinned Transformers)
-    nox -s findings      each DeepSpeed finding reproduced on every 5.x version of the full profile
+    nox -s findings      each peer finding (DS-n, HF-n) reproduced on every 5.x version of the full profile
     nox -s titan         TorchTitan's MoE replacement as a subject (opt-in; its own pinned dependencies)
     nox -s bench         the MoE layer benchmark with its peers and the cost curves (`-- --quick` for a smoke
                          run, `-- --out FILE`, `-- --out-dir DIR`)
@@ -105,10 +105,10 @@ def conformance(session, transformers):
 @nox.parametrize("transformers", [v for v in FULL_VERSIONS if not v.startswith("4.")])
 def findings(session, transformers):
     """Reproduce each peer finding on the Transformers version where it lives (tests/test_findings.py:
-    DS-1 on >= 5.23, DS-2 on 5.0, DS-5 on 5.0-5.2, DS-7's engine part on 5.3-5.22; the others on
-    every version)."""
+    DS-1 on >= 5.23, DS-2 on 5.0, DS-5 on 5.0-5.2, DS-7's engine part on 5.3-5.22, HF-1 on >= 5.24,
+    HF-2 on 5.20-5.22; the others on every version)."""
     _install(session, transformers)
-    session.install(TORCH, "pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100")
+    session.install(TORCH, ACCELERATE, "pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100")
     session.run("python", "-m", "pytest", "tests/test_findings.py", "-p", "no:cacheprovider", *session.posargs)
 
 
