@@ -36,6 +36,7 @@ rank process can import them; arguments and results travel pickled.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import pickle
 import secrets
@@ -264,7 +265,7 @@ class RankPool:
             # (a new session): the rank is not reaped yet, so its pid, which is its process group's id,
             # cannot have been reused, and its descendants are found through /proc.
             for pid in descendants(rank.process.pid):
-                with _suppress_gone():
+                with contextlib.suppress(ProcessLookupError, PermissionError):  # gone, or not ours
                     os.kill(pid, signal.SIGKILL)
             _kill_process_group(rank.process.pid)
             rank.process.wait()
@@ -300,22 +301,13 @@ def remove_stale_store_folders() -> list[str]:
         if not entry.startswith(STORE_PREFIX) or not owner.isdigit() or alive(int(owner)):
             continue
         path = os.path.join(folder, entry)
-        with _suppress_gone_files():
+        # A folder removed meanwhile by another pool, or one we may not read: left as it is.
+        with contextlib.suppress(FileNotFoundError, PermissionError):
             if os.lstat(path).st_uid != os.getuid() or os.path.islink(path):
                 continue
             shutil.rmtree(path)
             removed.append(path)
     return removed
-
-
-class _suppress_gone_files:
-    """A folder removed meanwhile by another pool, or one we may not read: left as it is."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, traceback):
-        return kind is not None and issubclass(kind, (FileNotFoundError, PermissionError))
 
 
 def _exited(pid: int) -> bool:
@@ -325,13 +317,6 @@ def _exited(pid: int) -> bool:
     except ChildProcessError:  # already reaped
         return True
 
-
-class _suppress_gone:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, traceback):
-        return kind is not None and issubclass(kind, (ProcessLookupError, PermissionError))
 
 
 def descendants(pid: int) -> list[int]:
