@@ -41,9 +41,29 @@ def process_groups_released(keep=lambda: ()):
         for key in set(autoep_groups._CACHE) - cached_before:
             del autoep_groups._CACHE[key]
         kept = {id(group) for group in keep()}
-        for group in [g for g in list(c10d._world.pg_map) if g not in before and id(g) not in kept]:
+        destroyed = [g for g in list(c10d._world.pg_map) if g not in before and id(g) not in kept]
+        for group in destroyed:
             try:
                 dist.destroy_process_group(group)
             except Exception:  # already destroyed by its owner
                 pass
+        if destroyed:
+            forget_dtensor_meshes()
         gc.collect()  # a destroyed gloo group's threads end when the last reference to it goes
+
+
+def forget_dtensor_meshes() -> None:
+    """Clear the caches in which torch's DTensor keeps results that hold a DeviceMesh (sharding
+    propagation, Python and the C++ fast path; redistribution plans; mesh topology). A mesh compares
+    equal to any later mesh of the same layout, so once the groups above are destroyed a cached result
+    would hand a later run on this process a mesh whose groups are gone: measured with Transformers'
+    EP (conformance/transformers_ep.py), the second w4-ep2 cell on the same ranks failed with "Could
+    not resolve the process group registered under the name N" while loading or gathering. A user's
+    process keeps its groups and never meets this."""
+    from torch.distributed.tensor import _redistribute
+    from torch.distributed.tensor._collective_utils import MeshTopoInfo
+    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+    _clear_sharding_prop_cache()
+    _redistribute._gen_transform_infos.cache_clear()
+    MeshTopoInfo.build_from_mesh.cache_clear()

@@ -87,23 +87,6 @@ def full_gradients(grads: dict) -> dict:
         quiet.setLevel(level)
 
 
-def forget_meshes_of_earlier_runs() -> None:
-    """Clear the caches in which torch's DTensor keeps results that hold a DeviceMesh (sharding
-    propagation, redistribution plans, mesh topology). A mesh compares equal to any later mesh of
-    the same layout, so on a rank process shared between cells a cached result carries an earlier
-    cell's mesh, whose process groups the suite has destroyed since (conformance.ranks
-    .process_groups_released): measured, the second w4-ep2 cell on the same ranks failed with
-    "Could not resolve the process group registered under the name N" while loading or gathering.
-    A user's process, which keeps its groups, never meets this: it is the harness's hygiene."""
-    from torch.distributed.tensor import _redistribute
-    from torch.distributed.tensor._collective_utils import MeshTopoInfo
-    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
-
-    _clear_sharding_prop_cache()  # the Python cache and the C++ dispatch fast path's
-    _redistribute._gen_transform_infos.cache_clear()
-    MeshTopoInfo.build_from_mesh.cache_clear()
-
-
 class TransformersEPSubject:
     """Transformers' ``DistributedConfig(ep_size=...)`` (see the module docstring)."""
 
@@ -160,8 +143,6 @@ class TransformersEPSubject:
         world = dist.get_world_size() if dist.is_initialized() else 1
         if ep > 1 and not dist.is_initialized():
             raise ValueError(f"autoep_size={ep} needs torch.distributed (rank processes, autoep.launch)")
-        if dist.is_initialized():
-            forget_meshes_of_earlier_runs()
         dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         device = next(model.parameters()).device
         folder = _shared_folder()
